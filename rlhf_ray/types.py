@@ -29,6 +29,9 @@ EXPERIENCE_SCHEMA = pa.schema(
         ("behavior_logprobs", pa.list_(pa.float32())),  # [T] of the distribution sampled from
         ("ref_logprobs", pa.list_(pa.float32())),  # [T] frozen reference
         ("reward", pa.float32()),  # sequence score before KL shaping
+        # Group-relative advantage of `reward` among the group's scored samples (grpo/rloo),
+        # set by the scorer when the group is complete; 0 for gae, which recomputes values.
+        ("group_advantage", pa.float32()),
         ("finish_reason", pa.string()),  # "stop" | "length"
         ("policy_version", pa.int64()),  # version held when the request was admitted
         ("source", pa.string()),  # "online" | "offline:<dataset>" | "augmented:<method>"
@@ -130,8 +133,11 @@ def validate_row(row: dict, where: str = "row") -> None:
         raise ValueError(f"{where} (uid {row.get('uid')}): field 'reward' is not finite: {reward!r}")
 
 
-def rollout_to_row(r: Rollout, *, reward: float, ref_logprobs: list[float]) -> dict:
+def rollout_to_row(
+    r: Rollout, *, reward: float, ref_logprobs: list[float], group_advantage: float = 0.0
+) -> dict:
     row = dataclasses.asdict(r)
     row["reward"] = float(reward)
+    row["group_advantage"] = float(group_advantage)
     row["ref_logprobs"] = list(ref_logprobs)
     return row

@@ -1,0 +1,6 @@
+"""Pure-torch RLHF maths, CPU-testable and free of Ray and model code.
+
+``kl`` holds the KL estimators and coefficient controllers, ``advantages`` the masked statistics,
+token rewards, GAE and group baselines, ``ppo`` the policy and value losses and the token-mean
+aggregation. The learner imports the functions from those modules directly.
+"""

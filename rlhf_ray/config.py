@@ -1,0 +1,411 @@
+"""Typed, nested run configuration: one dataclass per role, YAML files, dotted overrides.
+
+The dataclasses below are the single source of defaults. A run's config is built as
+
+    defaults  <-  preset YAML (``--preset tiny``)  <-  ``--config file.yaml``  <-  ``a.b=value``
+
+with OmegaConf structured configs doing the merging and type checks, then ``validate`` rejects
+impossible combinations, all before any actor starts. Errors name the key (and, for YAML files,
+the file and line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """Builtin model name (`rlhf-ray models`), a local HF folder, or a hub name already cached."""
+    dtype: str = "float32"
+    """Weights dtype: float32 | bfloat16 | float16."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a checkpoint. Off unless asked for: it executes that code."""
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names LoRA wraps; ["all-linear"] wraps every linear layer except the output head."""
+    adapter_path: Optional[str] = None
+    """Start from an existing LoRA adapter (a `save_pretrained` folder) instead of a fresh one."""
+    cache_dir: Optional[str] = None
+    """Where builtin models are converted to; default ~/.cache/rlhf_ray (or $RLHF_RAY_CACHE)."""
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "movie-review-openings"
+    """Builtin prompt set (`movie-review-openings`, `tiny-counting`) or a .jsonl/.txt/.parquet file."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt text in a JSONL or Parquet file."""
+    opening_words: int = 4
+    """movie-review-openings: how many leading words of each review sentence form the prompt."""
+    eval_fraction: float = 0.2
+    """Share of prompts held out for `rlhf-ray eval` (a fixed split by prompt uid hash)."""
+    max_prompt_tokens: int = 64
+    """Prompts longer than this (in tokens) follow `prompt_overflow`."""
+    prompt_overflow: str = "truncate"
+    """truncate: keep the LAST max_prompt_tokens tokens (the text nearest the response); drop: skip
+    the prompt. Either way the prompt is counted in rollout/prompts_truncated or _dropped."""
+    seed: int = 0
+    """Shuffles the order prompts are served in, one permutation per pass."""
+
+
+@dataclass
+class GeneratorConfig:
+    num: int = 1
+    """Generator actors."""
+    backend: str = "hf"
+    """hf (transformers generate) | vllm."""
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    prompts_per_request: int = 8
+    """Prompts in one generate call; each yields `n_samples` responses."""
+    n_samples: int = 4
+    """Responses per prompt (the group for group baselines)."""
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 = no top-k truncation."""
+    seed: int = 0
+    """Base seed; generator i samples with a seed derived from (seed, i, request)."""
+
+
+@dataclass
+class ScorerConfig:
+    num: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    reward: str = "vader"
+    """Builtin reward fn (`vader`, `count-a`), a Python callable `module:function` (runs that code),
+    or `model:PATH` for an HF sequence-classification reward model."""
+    reward_batch_size: int = 32
+    """Rows per reference/reward-model forward pass."""
+
+
+@dataclass
+class ReplayConfig:
+    num_shards: int = 2
+    capacity: int = 4096
+    """Rows per shard; FIFO eviction beyond it."""
+    max_staleness: int = 1
+    """Rows more than this many policy versions behind the learner are never sampled."""
+    max_times_sampled: int = 1
+    """How often one row may be drawn (1 = each sample trains once)."""
+    sample_timeout_s: float = 600.0
+    """A learner waiting longer than this for enough eligible rows stops the run with an error."""
+
+
+@dataclass
+class LearnerConfig:
+    num: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    batch_size: int = 32
+    """Rows drawn from the buffer per learner step."""
+    num_minibatches: int = 1
+    """Optimizer steps per epoch over one batch."""
+    ppo_epochs: int = 1
+    micro_batch_size: int = 8
+    """Rows per forward/backward; gradients accumulate to the minibatch with token-mean weights."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    lr_schedule: str = "constant"
+    """constant | linear | cosine (decay to 0 over run.steps optimizer steps, after warmup)."""
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    value_lr: Optional[float] = None
+    """Learning rate of the value head; default the same as lr."""
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "ppo"
+    advantage: str = "grpo"
+    """grpo (group mean/std) | rloo (leave-one-out mean) | gae (value head + GAE)."""
+    normalize_std: bool = True
+    """grpo: divide by the group's std."""
+    whiten_advantages: bool = False
+    """Whiten advantages over the batch's valid tokens before the loss."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None
+    """Upper clip bound (1 + clip_eps_high); default the same as clip_eps."""
+    ratio_anchor: str = "proximal"
+    """proximal: ratio against the policy the learner held when the batch was drawn, with a
+    truncated importance weight min(exp(proximal - behavior), is_cap) for the generator's policy
+    (decoupled PPO); behavior: ratio directly against behavior_logprobs (plain PPO)."""
+    is_cap: float = 2.0
+    kl_mode: str = "reward"
+    """reward: -kl_coef * KL per token as reward shaping; loss: kl_coef * KL as a loss term;
+    none: no KL to the reference."""
+    kl_estimator: str = "k1"
+    """k1 | k2 | k3 (Schulman's estimators of KL(policy || reference))."""
+    kl_coef: float = 0.05
+    kl_controller: str = "fixed"
+    """fixed | adaptive (Ziegler et al.; moves kl_coef towards kl_target, within bounds)."""
+    kl_target: float = 1.0
+    kl_horizon: int = 100
+    kl_min: float = 0.001
+    kl_max: float = 1.0
+    entropy_coef: float = 0.0
+    vf_coef: float = 0.5
+    value_clip: Optional[float] = 0.2
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None
+    """Run directory name under output_dir; default a timestamp."""
+    output_dir: str = "runs"
+    steps: int = 40
+    """Learner steps (each one batch, then a weight publish)."""
+    sync: bool = False
+    """Generate, score and train strictly in turn instead of the asynchronous pipeline."""
+    seed: int = 0
+    ray_address: Optional[str] = None
+    """Join this Ray cluster (`auto` = the one `ray start --head` started); default: a local one."""
+    ray_num_cpus: Optional[int] = None
+    """CPUs of the local Ray started when ray_address is unset; default the machine's count."""
+    log_samples_every: int = 10
+    """Log sample responses every N learner steps."""
+    eval_samples_per_prompt: int = 2
+    """`rlhf-ray eval`: responses per held-out prompt, for each of policy and reference."""
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def preset_names() -> list[str]:
+    root = importlib.resources.files("rlhf_ray") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _preset_path(name: str) -> Path:
+    root = importlib.resources.files("rlhf_ray") / "presets"
+    path = Path(str(root / f"{name}.yaml"))
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
+    return path
+
+
+def _yaml_line(path: Path, dotted_key: str) -> Optional[int]:
+    """1-based line of `dotted_key` in a YAML mapping file, or None."""
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in dotted_key.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return line
+        for key_node, value_node in node.value:
+            if key_node.value == part:
+                line, node = key_node.start_mark.line + 1, value_node
+                break
+        else:
+            return line
+    return line
+
+
+def _merge_file(base, path: Path):
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return OmegaConf.merge(base, data)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        line = _yaml_line(path, key) if key else None
+        where = f"{path}:{line}" if line else str(path)
+        raise ConfigError(f"{where}: key {key!r}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]
+
+
+def load_config(
+    *,
+    preset: Optional[str] = None,
+    files: tuple[str, ...] | list[str] = (),
+    overrides: tuple[str, ...] | list[str] = (),
+) -> Config:
+    """Builds and validates a Config from a preset, YAML files and `a.b=value` overrides."""
+    cfg = OmegaConf.structured(Config)
+    if preset:
+        cfg = _merge_file(cfg, _preset_path(preset))
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {f}")
+        cfg = _merge_file(cfg, path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. learner.lr=1e-4")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or item.split("=", 1)[0]
+            raise ConfigError(f"override {item!r}: key {key!r}: {_first_line(e)}") from None
+    result = OmegaConf.to_object(cfg)
+    validate(result)
+    return result
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuilds a Config saved with `to_dict` (e.g. a run directory's config.yaml)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), data)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"key {getattr(e, 'full_key', '')!r}: {_first_line(e)}") from None
+    result = OmegaConf.to_object(cfg)
+    validate(result)
+    return result
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: Config) -> None:
+    """Rejects impossible combinations before any actor starts."""
+    g, a, lrn, rep, m, d = cfg.generator, cfg.algorithm, cfg.learner, cfg.replay, cfg.model, cfg.data
+    _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+    _choice("generator.backend", g.backend, ("hf", "vllm"))
+    _choice("data.prompt_overflow", d.prompt_overflow, ("truncate", "drop"))
+    _choice("algorithm.name", a.name, ("ppo",))
+    _choice("algorithm.advantage", a.advantage, ("grpo", "rloo", "gae"))
+    _choice("algorithm.ratio_anchor", a.ratio_anchor, ("proximal", "behavior"))
+    _choice("algorithm.kl_mode", a.kl_mode, ("reward", "loss", "none"))
+    _choice("algorithm.kl_estimator", a.kl_estimator, ("k1", "k2", "k3"))
+    _choice("algorithm.kl_controller", a.kl_controller, ("fixed", "adaptive"))
+    _choice("learner.lr_schedule", lrn.lr_schedule, ("constant", "linear", "cosine"))
+    for key, value in [
+        ("generator.num", g.num),
+        ("generator.prompts_per_request", g.prompts_per_request),
+        ("generator.n_samples", g.n_samples),
+        ("generator.max_new_tokens", g.max_new_tokens),
+        ("generator.temperature", g.temperature),
+        ("generator.torch_threads", g.torch_threads),
+        ("scorer.num", cfg.scorer.num),
+        ("scorer.reward_batch_size", cfg.scorer.reward_batch_size),
+        ("replay.num_shards", rep.num_shards),
+        ("replay.capacity", rep.capacity),
+        ("replay.max_times_sampled", rep.max_times_sampled),
+        ("learner.num", lrn.num),
+        ("learner.batch_size", lrn.batch_size),
+        ("learner.num_minibatches", lrn.num_minibatches),
+        ("learner.ppo_epochs", lrn.ppo_epochs),
+        ("learner.micro_batch_size", lrn.micro_batch_size),
+        ("learner.lr", lrn.lr),
+        ("model.lora_rank", m.lora_rank),
+        ("data.max_prompt_tokens", d.max_prompt_tokens),
+        ("run.steps", cfg.run.steps),
+        ("algorithm.is_cap", a.is_cap),
+    ]:
+        _positive(key, value)
+    for key, value in [
+        ("replay.max_staleness", rep.max_staleness),
+        ("algorithm.kl_coef", a.kl_coef),
+        ("algorithm.entropy_coef", a.entropy_coef),
+        ("learner.max_grad_norm", lrn.max_grad_norm),
+        ("generator.num_gpus", g.num_gpus),
+        ("learner.num_gpus", lrn.num_gpus),
+        ("scorer.num_gpus", cfg.scorer.num_gpus),
+    ]:
+        _positive(key, value, allow_zero=True)
+    if not 0 < a.clip_eps < 1:
+        raise ConfigError(f"algorithm.clip_eps={a.clip_eps}: must be in (0, 1)")
+    if not 0 < d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
+    if not 0 <= a.lam <= 1 or not 0 < a.gamma <= 1:
+        raise ConfigError(f"algorithm.gamma={a.gamma}, algorithm.lam={a.lam}: need 0<gamma<=1, 0<=lam<=1")
+    # The learner recomputes log-probs of the full temperature-scaled distribution; a truncated
+    # (top-p / top-k) sampling distribution would make every PPO ratio wrong.
+    if g.top_p != 1.0:
+        raise ConfigError(
+            f"generator.top_p={g.top_p}: training needs top_p=1.0, because the learner recomputes "
+            "log-probs of the full temperature-scaled distribution and would not reproduce a "
+            "top-p truncated one (truncated sampling is allowed in `rlhf-ray eval`)"
+        )
+    if g.top_k != 0:
+        raise ConfigError(
+            f"generator.top_k={g.top_k}: training needs top_k=0, because the learner would not "
+            "reproduce a top-k truncated sampling distribution"
+        )
+    if a.advantage in ("grpo", "rloo") and g.n_samples < 2:
+        raise ConfigError(
+            f"algorithm.advantage={a.advantage!r} needs generator.n_samples >= 2 "
+            f"(a group baseline of one sample is always 0), got {g.n_samples}"
+        )
+    if lrn.batch_size % lrn.num_minibatches:
+        raise ConfigError(
+            f"learner.batch_size={lrn.batch_size} is not divisible by "
+            f"learner.num_minibatches={lrn.num_minibatches}"
+        )
+    if lrn.batch_size > rep.capacity * rep.num_shards:
+        raise ConfigError(
+            f"learner.batch_size={lrn.batch_size} exceeds the buffer's total capacity "
+            f"replay.capacity*replay.num_shards={rep.capacity * rep.num_shards}"
+        )
+    if a.kl_mode == "reward" and a.kl_estimator == "k2":
+        raise ConfigError(
+            "algorithm.kl_estimator='k2' with kl_mode='reward': k2 is not an unbiased per-token "
+            "reward penalty; use k1 (or k3) for reward shaping"
+        )
+    if lrn.num > 1:
+        raise ConfigError(
+            f"learner.num={lrn.num}: this build runs one learner actor; several data-parallel "
+            "learners are not implemented yet"
+        )
+    if g.backend == "vllm":
+        raise ConfigError(
+            "generator.backend='vllm': the vLLM backend is not implemented yet; use 'hf'"
+        )

@@ -1,0 +1,373 @@
+"""The driver: wires the actors and runs the loop. It does no heavy compute itself.
+
+Asynchronous pipeline (default). Each generator always has a request in flight unless the
+buffer is far enough ahead of the learner; each finished request goes to a scorer (round-robin),
+which inserts the scored rows into the replay shards; the learner steps back to back, drawing
+its own batches. The generators run ahead of the learner by at most `replay.max_staleness`
+batches (counting rows buffered and rows in flight), so samples are not generated only to go
+stale. `--sync` (`run.sync=true`) instead generates, scores and trains strictly in turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from rlhf_ray.config import Config
+from rlhf_ray.types import PromptBatch
+
+log = logging.getLogger("rlhf_ray")
+
+# Step metrics that are sums over the generation/scoring work since the last learner step.
+_SUMMED = ("rollout/prompts", "rollout/prompts_truncated", "rollout/prompts_dropped",
+           "rollout/samples", "rollout/tokens", "reward/quarantined", "reward/groups_dropped",
+           "perf/generate_s", "perf/score_s")
+
+
+def make_run_dir(cfg: Config) -> Path:
+    name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def setup_logging(run_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    log.propagate = False
+
+
+def required_cpus(cfg: Config) -> float:
+    return (cfg.generator.num * cfg.generator.num_cpus + cfg.scorer.num * cfg.scorer.num_cpus
+            + cfg.learner.num * cfg.learner.num_cpus)
+
+
+def init_ray(cfg: Config):
+    import ray
+
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RLHF_RAY_CACHE", "HF_HUB_OFFLINE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return ray
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        # The local cluster advertises at least the CPUs the config asks for: each actor runs
+        # torch_threads threads, so a 2-core machine runs 3 one-thread actors, oversubscribed.
+        cpus = cfg.run.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)))
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                 log_to_driver=True)
+    return ray
+
+
+def check_resources(cfg: Config) -> None:
+    """A request the cluster cannot satisfy is an error before any actor starts."""
+    import ray
+
+    total = ray.cluster_resources()
+    roles = [("generator", cfg.generator), ("scorer", cfg.scorer), ("learner", cfg.learner)]
+    for resource, attr in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        have = total.get(resource, 0.0)
+        need = sum(role.num * getattr(role, attr) for _, role in roles)
+        for name, role in roles:
+            if getattr(role, attr) > have:
+                raise RuntimeError(
+                    f"{name}.{attr}={getattr(role, attr)} but the cluster has {have:g} {resource}"
+                )
+        if need > have:
+            parts = ", ".join(f"{n}: {r.num} x {getattr(r, attr):g}" for n, r in roles)
+            raise RuntimeError(
+                f"the config asks for {need:g} {resource} ({parts}) but the cluster has {have:g}"
+            )
+
+
+@dataclass
+class System:
+    generators: list
+    scorers: list
+    shards: list
+    learner: object
+    weight_store: object
+    replay: object  # ReplayClient
+
+
+def build_system(cfg: Config) -> System:
+    import ray
+
+    from rlhf_ray.generation.generator import Generator
+    from rlhf_ray.learner.learner import Learner
+    from rlhf_ray.models.builtin import resolve_model_path
+    from rlhf_ray.replay.client import ReplayClient
+    from rlhf_ray.replay.shard import make_shard_actors
+    from rlhf_ray.scoring.scorer import RewardScorer
+    from rlhf_ray.weights.store import WeightStore
+
+    # convert/build the model once before several actors try to at the same time
+    ray.get(ray.remote(num_cpus=0)(resolve_model_path).remote(cfg.model.name, cfg.model.cache_dir))
+    store = ray.remote(num_cpus=0)(WeightStore).remote(keep=1)
+    shards = make_shard_actors(
+        cfg.replay.num_shards, capacity=cfg.replay.capacity,
+        max_staleness=cfg.replay.max_staleness, max_times_sampled=cfg.replay.max_times_sampled,
+        seed=cfg.run.seed,
+    )
+    replay = ReplayClient(shards)
+    g, s, lr = cfg.generator, cfg.scorer, cfg.learner
+    generators = [
+        ray.remote(Generator).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus)
+        .remote(cfg, i, store) for i in range(g.num)
+    ]
+    scorers = [
+        ray.remote(RewardScorer).options(num_cpus=s.num_cpus, num_gpus=s.num_gpus)
+        .remote(cfg, i, replay) for i in range(s.num)
+    ]
+    learner = ray.remote(Learner).options(num_cpus=lr.num_cpus, num_gpus=lr.num_gpus).remote(
+        cfg, shards, store
+    )
+    # surface construction errors (bad reward spec, missing model) before the loop starts
+    ray.get([a.version.remote() for a in generators] + [learner.get_version.remote()])
+    ray.get([sc.__ray_ready__.remote() for sc in scorers])
+    return System(generators, scorers, shards, learner, store, replay)
+
+
+@dataclass
+class _Window:
+    """Generation/scoring stats accumulated between two learner steps."""
+
+    sums: dict = field(default_factory=lambda: defaultdict(float))
+    reward_sum: float = 0.0
+    kl_sum: float = 0.0
+    len_sum: float = 0.0
+    trunc_sum: float = 0.0
+    rows: int = 0
+    lags: list = field(default_factory=list)
+
+    def add_report(self, report) -> None:
+        st = report.stats
+        for k in _SUMMED:
+            if k in st:
+                self.sums[k] += st[k]
+        n = report.inserted if report.inserted else 0
+        if n and math.isfinite(st.get("reward/mean", float("nan"))):
+            self.reward_sum += st["reward/mean"] * n
+            self.kl_sum += st["rollout/kl_ref"] * n
+            self.len_sum += st["rollout/response_len_mean"] * n
+            self.trunc_sum += st["rollout/truncated_frac"] * n
+            self.rows += n
+
+    def flush(self) -> dict:
+        out = dict(self.sums)
+        if self.rows:
+            out["reward/mean"] = self.reward_sum / self.rows
+            out["rollout/kl_ref"] = self.kl_sum / self.rows
+            out["rollout/response_len_mean"] = self.len_sum / self.rows
+            out["rollout/truncated_frac"] = self.trunc_sum / self.rows
+        if self.lags:
+            out["weights/version_lag_mean"] = sum(self.lags) / len(self.lags)
+        if out.get("perf/generate_s"):
+            out["perf/generate_tokens_per_s"] = out.get("rollout/tokens", 0) / out["perf/generate_s"]
+        self.__init__()
+        return out
+
+
+class Trainer:
+    """Runs one training job: the actors, the loop, the metrics and the final adapter."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None):
+        from rlhf_ray.data.prompts import PromptCursor, load_prompts, split_prompts
+
+        self.cfg = cfg
+        self.run_dir = run_dir or make_run_dir(cfg)
+        train, _held_out = split_prompts(load_prompts(cfg.data), cfg.data.eval_fraction)
+        self.cursor = PromptCursor(train, seed=cfg.data.seed)
+        self.step = 0
+        self.samples_scored = 0
+
+    def _prompt_batch(self) -> PromptBatch:
+        g = self.cfg.generator
+        return PromptBatch(self.cursor.take(g.prompts_per_request), n_samples=g.n_samples)
+
+    def run(self) -> dict:
+        import ray
+        from tqdm import tqdm
+
+        from rlhf_ray.metrics import MetricsSink, plot_curves
+
+        cfg, run_dir = self.cfg, self.run_dir
+        setup_logging(run_dir)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        init_ray(cfg)
+        check_resources(cfg)
+        log.info("run directory: %s", run_dir)
+        t0 = time.perf_counter()
+        system = build_system(cfg)
+        log.info("actors ready in %.1fs", time.perf_counter() - t0)
+        sink = MetricsSink(run_dir, tensorboard=cfg.run.tensorboard)
+        bar = tqdm(total=cfg.run.steps, desc="train", disable=not cfg.run.progress, unit="step")
+        self._t_loop = time.perf_counter()
+        try:
+            loop = self._sync_loop if cfg.run.sync else self._async_loop
+            for step_metrics in loop(system):
+                sink.write(self.step, step_metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{step_metrics.get('reward/mean', float('nan')):.3f}",
+                                kl=f"{step_metrics.get('policy/kl_ref', 0.0):.3f}")
+            ray.get(system.learner.save.remote(str(run_dir / "checkpoint")))
+        finally:
+            bar.close()
+            sink.close()
+        self._finish(system, sink.history)
+        return sink.history[-1] if sink.history else {}
+
+    def _log_step(self, metrics: dict, window: dict, replay_stats: dict, step_s: float) -> dict:
+        import ray  # noqa: F401
+
+        samples = metrics.pop("learner/samples", [])
+        merged = {**window, **metrics}
+        merged.update({f"replay/{k}": v for k, v in replay_stats.items()
+                       if f"replay/{k}" in _replay_keys()})
+        elapsed = time.perf_counter() - self._t_loop
+        merged["perf/step_s"] = step_s
+        merged["perf/elapsed_s"] = elapsed
+        merged["perf/samples_per_s"] = self.samples_scored / elapsed if elapsed > 0 else 0.0
+        if self.cfg.run.log_samples_every and self.step % self.cfg.run.log_samples_every == 0:
+            for s in samples:
+                log.info("step %d sample | %r -> %r | reward %.3f", self.step, s["prompt"],
+                         s["response"], s["reward"])
+        return merged
+
+    def _async_loop(self, system: System):
+        import ray
+
+        cfg = self.cfg
+        batch = cfg.learner.batch_size
+        rows_per_request = cfg.generator.prompts_per_request * cfg.generator.n_samples
+        ahead_limit = batch * (1 + cfg.replay.max_staleness)
+        pending: dict = {}  # ObjectRef -> (kind, index)
+        in_flight_rows = 0
+        buffered_rows = 0  # inserted but not yet consumed by the learner
+        learner_version = 0
+        window = _Window()
+        next_scorer = 0
+        last_step_t = time.perf_counter()
+
+        def maybe_generate(i: int) -> None:
+            nonlocal in_flight_rows
+            if buffered_rows + in_flight_rows + rows_per_request > ahead_limit + rows_per_request:
+                return
+            ref = system.generators[i].generate.remote(self._prompt_batch())
+            pending[ref] = ("generate", i)
+            in_flight_rows += rows_per_request
+
+        for i in range(len(system.generators)):
+            maybe_generate(i)
+        pending[system.learner.step.remote()] = ("learn", 0)
+        idle_generators = set()
+        while self.step < cfg.run.steps:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            kind, idx = pending.pop(ref)
+            if kind == "generate":
+                scorer = system.scorers[next_scorer % len(system.scorers)]
+                next_scorer += 1
+                pending[scorer.score.remote(ref)] = ("score", idx)
+                idle_generators.add(idx)
+            elif kind == "score":
+                report = ray.get(ref)
+                in_flight_rows -= rows_per_request
+                buffered_rows += report.inserted
+                self.samples_scored += report.inserted
+                window.add_report(report)
+                self._quarantine_log(report)
+            else:
+                metrics = ray.get(ref)
+                self.step += 1
+                learner_version = int(metrics["weights/version"])
+                buffered_rows = max(0, buffered_rows - batch * 1)
+                now = time.perf_counter()
+                stats = system.replay.stats(learner_version)
+                yield self._log_step(metrics, window.flush(), stats, now - last_step_t)
+                last_step_t = now
+                if self.step < cfg.run.steps:
+                    pending[system.learner.step.remote()] = ("learn", 0)
+            # generators whose last request was handed on get a new one when the budget allows
+            for i in sorted(idle_generators):
+                before = len(pending)
+                maybe_generate(i)
+                if len(pending) > before:
+                    idle_generators.discard(i)
+        for ref, (kind, _) in pending.items():
+            ray.cancel(ref)
+
+    def _sync_loop(self, system: System):
+        import ray
+
+        cfg = self.cfg
+        while self.step < cfg.run.steps:
+            start = time.perf_counter()
+            window = _Window()
+            need = cfg.learner.batch_size
+            while need > 0:
+                refs = [g.generate.remote(self._prompt_batch()) for g in system.generators]
+                reports = ray.get([system.scorers[i % len(system.scorers)].score.remote(r)
+                                   for i, r in enumerate(refs)])
+                for report in reports:
+                    window.add_report(report)
+                    self._quarantine_log(report)
+                    need -= report.inserted
+                    self.samples_scored += report.inserted
+            metrics = ray.get(system.learner.step.remote())
+            self.step += 1
+            stats = system.replay.stats(int(metrics["weights/version"]))
+            yield self._log_step(metrics, window.flush(), stats, time.perf_counter() - start)
+
+    def _quarantine_log(self, report) -> None:
+        for q in report.quarantine:
+            log.warning("quarantined sample %s (prompt %s): %s", q["uid"], q["prompt_uid"],
+                        q["reason"])
+
+    def _finish(self, system: System, history: list[dict]) -> None:
+        import shutil
+
+        from rlhf_ray.metrics import plot_curves
+
+        adapter = self.run_dir / "checkpoint" / "adapter"
+        if adapter.exists():
+            shutil.copytree(adapter, self.run_dir / "adapter", dirs_exist_ok=True)
+        if self.cfg.run.plots and history:
+            plot_curves(history, self.run_dir / "curves.png")
+        if history:
+            (self.run_dir / "summary.yaml").write_text(
+                yaml.safe_dump({k: v for k, v in history[-1].items()}, sort_keys=True)
+            )
+        log.info("done: %d steps in %.0fs; adapter in %s", self.step,
+                 time.perf_counter() - self._t_loop, self.run_dir / "adapter")
+
+
+def _replay_keys() -> set[str]:
+    from rlhf_ray.metrics import GLOSSARY
+
+    return {k for k in GLOSSARY if k.startswith("replay/")}
+
+
+def train(cfg: Config, run_dir: Path | None = None) -> Path:
+    trainer = Trainer(cfg, run_dir)
+    trainer.run()
+    return trainer.run_dir
