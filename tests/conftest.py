@@ -24,3 +24,28 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+def tiny_config(*overrides: str, model: str = "tiny-llama"):
+    """The tiny preset with overrides (no Ray needed to build it)."""
+    from rlhf_ray.config import load_config
+
+    return load_config(preset="tiny", overrides=[f"model.name={model}", *overrides])
+
+
+def make_rows(prompts, responses, behavior, ref=None, **cols):
+    """Experience rows (dicts) for given token lists; other columns get plausible defaults."""
+    rows = []
+    for i, (p, r, b) in enumerate(zip(prompts, responses, behavior)):
+        row = {
+            "uid": f"p{i}/0/0", "prompt_uid": f"p{i}", "group_id": f"p{i}/0",
+            "prompt_text": "", "response_text": "", "prompt_ids": list(p),
+            "response_ids": list(r), "behavior_logprobs": list(b),
+            "ref_logprobs": list(ref[i]) if ref is not None else list(b),
+            "reward": 0.0, "group_advantage": 0.0, "finish_reason": "length",
+            "policy_version": 0, "source": "online",
+        }
+        for k, v in cols.items():
+            row[k] = v[i] if isinstance(v, (list, tuple)) else v
+        rows.append(row)
+    return rows

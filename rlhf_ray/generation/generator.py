@@ -80,6 +80,11 @@ class Generator:
     def version(self) -> int:
         return self.backend.version
 
+    def adapter_state(self) -> dict:
+        from rlhf_ray.models.loading import lora_state_dict
+
+        return lora_state_dict(self.model)
+
     # -- sampling --------------------------------------------------------------------------
     def _tokenize(self, batch: PromptBatch):
         limit, rule = self.cfg.data.max_prompt_tokens, self.cfg.data.prompt_overflow

@@ -16,6 +16,15 @@ from rlhf_ray.generation.backend import Completion, SamplingParams
 from rlhf_ray.models.loading import load_lora_state_dict
 
 
+def sampled_logprobs(scores: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probs [B, steps] of the sampled `tokens` under the processed `scores` (one [B, V]
+    tensor per step, as `generate` returns them), i.e. of the distribution sampled from."""
+    if not scores:
+        return torch.zeros_like(tokens, dtype=torch.float32)
+    stacked = torch.stack(scores, dim=1).float()  # [B, steps, V]
+    return F.log_softmax(stacked, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 class HFBackend:
     def __init__(self, model, tokenizer, stop_token_ids: set[int]):
         self.model = model
@@ -68,14 +77,7 @@ class HFBackend:
             generation_config=self._generation_config(params),
         )
         new_tokens = out.sequences[:, width:]  # [B*n, steps]
-        steps = new_tokens.shape[1]
-        # log-probs of the sampled tokens under the processed (sampled-from) distribution
-        if steps:
-            scores = torch.stack(out.scores, dim=1).float()  # [B*n, steps, V]
-            logprobs = F.log_softmax(scores, dim=-1).gather(-1, new_tokens.unsqueeze(-1))
-            logprobs = logprobs.squeeze(-1)
-        else:
-            logprobs = torch.zeros_like(new_tokens, dtype=torch.float32)
+        logprobs = sampled_logprobs(out.scores, new_tokens)
         completions: list[Completion] = []
         for i in range(len(rows)):
             ids = new_tokens[i].tolist()

@@ -157,6 +157,17 @@ class PPOTrainer:
                 values[s, : width + 1] = out.values
         return logprobs, values
 
+    @torch.no_grad()
+    def logprobs_of(self, table: pa.Table, *, reference: bool = False) -> torch.Tensor:
+        """[B, T] log-probs of the rows under the current policy, or under the reference."""
+        from rlhf_ray.models.loading import reference_mode
+
+        batch = Batch.from_table(table)
+        if not reference:
+            return self._draw_pass(batch)[0]
+        with reference_mode(self.policy.model):
+            return self._draw_pass(batch)[0]
+
     def _advantages(self, batch: Batch, values: torch.Tensor | None):
         a, mask = self.cfg.algorithm, batch.mask
         shaping = a.kl_mode == "reward"
@@ -253,17 +264,17 @@ class PPOTrainer:
             if a.kl_mode == "loss":
                 kl_tok = kl_terms(logprobs, batch.ref_logprobs[idx, :width], a.kl_estimator)
                 per_token = per_token + self.kl_ctl.coef * kl_tok
-                _acc(sums, "kl_loss_term", float((kl_tok * mask).sum()))
+                _acc(sums, "kl_loss_term", float((kl_tok.detach() * mask).sum()))
             if a.entropy_coef > 0:
                 per_token = per_token - a.entropy_coef * out.entropy
-                _acc(sums, "entropy", float((out.entropy * mask).sum()))
+                _acc(sums, "entropy", float((out.entropy.detach() * mask).sum()))
             if self.use_values:
                 v_loss = value_loss(
                     out.values[:, :-1], values[idx, :width], returns[idx, :width], mask,
                     clip=a.value_clip,
                 )
                 per_token = per_token + a.vf_coef * v_loss
-                _acc(sums, "value_loss", float((v_loss * mask).sum()))
+                _acc(sums, "value_loss", float((v_loss.detach() * mask).sum()))
             loss = aggregate_token_mean(per_token, mask, total_tokens)
             loss.backward()
             step_loss += float(loss.detach())

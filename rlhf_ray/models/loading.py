@@ -1,12 +1,16 @@
 """Loading the policy, its tokenizer and its LoRA adapter; the value head.
 
-The reference model is never a second copy: inside the learner it is the same base model with
-the adapter disabled (`peft_model.disable_adapter()`). Actors in other processes (the scorer)
-load the base weights once, frozen, with no adapter attached.
+The reference is the policy the run starts from, and never a second copy of the base weights:
+- a fresh adapter: the reference is the base model with the adapter disabled;
+- `model.adapter_path` given: the trainable adapter starts as a copy of that adapter, and a
+  second, frozen copy of it (the `reference` adapter, a few MB) is what the reference runs.
+`reference_mode(model)` switches a policy into its reference for one block. Actors in other
+processes (the scorer) load the base weights once, frozen, plus the starting adapter if any.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +59,11 @@ def attach_lora(model, cfg: ModelConfig):
 
     if cfg.adapter_path:
         peft_model = PeftModel.from_pretrained(model, cfg.adapter_path, is_trainable=True)
+        peft_model.load_adapter(cfg.adapter_path, adapter_name=REFERENCE_ADAPTER,
+                                is_trainable=False)
+        peft_model.set_adapter("default")
+        for name, param in peft_model.named_parameters():
+            param.requires_grad_(_is_trainable_lora(name))
     else:
         targets = cfg.lora_target_modules
         lora = LoraConfig(
@@ -68,6 +77,42 @@ def attach_lora(model, cfg: ModelConfig):
         peft_model = get_peft_model(model, lora)
     peft_model.eval()  # dropout stays off: log-prob passes must be deterministic
     return peft_model
+
+
+REFERENCE_ADAPTER = "reference"
+
+
+def _is_trainable_lora(name: str) -> bool:
+    return "lora_" in name and f".{REFERENCE_ADAPTER}" not in name
+
+
+@contextlib.contextmanager
+def reference_mode(peft_model):
+    """Within the block, `peft_model` computes the reference (see the module docstring)."""
+    if REFERENCE_ADAPTER not in getattr(peft_model, "peft_config", {}):
+        with peft_model.disable_adapter():
+            yield
+        return
+    flags = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+    peft_model.set_adapter(REFERENCE_ADAPTER)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter("default")
+        for name, param in peft_model.named_parameters():
+            param.requires_grad_(flags[name])
+
+
+def load_reference(cfg: ModelConfig):
+    """The frozen reference for actors that do not train: base, plus the starting adapter."""
+    base = load_base_model(cfg, frozen=True)
+    if not cfg.adapter_path:
+        return base
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, cfg.adapter_path, is_trainable=False)
+    model.eval().requires_grad_(False)
+    return model
 
 
 def hidden_size(model) -> int:

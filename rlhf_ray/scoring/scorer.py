@@ -6,7 +6,7 @@ Per batch:
    sample is counted (`reward/quarantined`) and reported with its prompt uid;
 3. group rule (grpo/rloo): the group-relative advantage is computed over the group's surviving
    samples; a group left with fewer than 2 survivors is dropped whole (`reward/groups_dropped`);
-4. `ref_logprobs` from the frozen reference (the base weights, no adapter, no gradients), at the
+4. `ref_logprobs` from the frozen reference (the starting policy, no gradients), at the
    generator's sampling temperature so they compare with `behavior_logprobs`;
 5. insert into the replay shards; only statistics go back to the driver.
 """
@@ -36,14 +36,14 @@ def _finite_number(value) -> float | None:
 class RewardScorer:
     def __init__(self, cfg: Config, scorer_id: int = 0, replay=None):
         torch.set_num_threads(cfg.scorer.torch_threads)
-        from rlhf_ray.models.loading import load_base_model, load_tokenizer
+        from rlhf_ray.models.loading import load_reference, load_tokenizer
         from rlhf_ray.scoring.rewards import make_reward
 
         self.cfg = cfg
         self.scorer_id = scorer_id
         self.replay = replay  # a ReplayClient, or None to return the table instead
         self.tokenizer = load_tokenizer(cfg.model)
-        self.reference = load_base_model(cfg.model, frozen=True)
+        self.reference = load_reference(cfg.model)
         self.reward_kind, self.reward = make_reward(
             cfg.scorer.reward, trust_remote_code=cfg.model.trust_remote_code
         )
@@ -123,6 +123,7 @@ class RewardScorer:
               for row in rows]
         kept_rewards = [row["reward"] for row in rows]
         stats = {
+            **batch.stats,  # the generator's counters travel on with the batch
             "reward/mean": sum(kept_rewards) / len(kept_rewards) if rows else float("nan"),
             "reward/quarantined": float(len(quarantine)),
             "reward/groups_dropped": float(groups_dropped),

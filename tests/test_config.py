@@ -1,0 +1,54 @@
+"""Config loading, overrides and validation errors that name the key."""
+
+import pytest
+
+from rlhf_ray.config import Config, ConfigError, load_config, preset_names
+
+
+def test_defaults_and_presets_validate():
+    assert {"default", "tiny"} <= set(preset_names())
+    assert load_config().model.name == "smollm2-135m-instruct"
+    tiny = load_config(preset="tiny")
+    assert tiny.model.name == "tiny-llama" and tiny.run.steps == 4
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("learner:\n  lr: 3.0e-4\ngenerator:\n  n_samples: 8\n")
+    cfg = load_config(preset="tiny", files=[str(f)], overrides=["learner.lr=1e-4"])
+    assert cfg.learner.lr == 1e-4 and cfg.generator.n_samples == 8
+    assert isinstance(cfg, Config)
+
+
+def test_unknown_key_in_a_file_names_file_line_and_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("learner:\n  lr: 1e-4\n  bogus_field: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3: key 'learner.bogus_field'"):
+        load_config(files=[str(f)])
+
+
+def test_wrong_type_and_bad_override_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="learner.batch_size"):
+        load_config(overrides=["learner.batch_size=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(overrides=["learner.lr"])
+    f = tmp_path / "broken.yaml"
+    f.write_text("learner: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml:.*invalid YAML"):
+        load_config(files=[str(f)])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("generator.top_p=0.9", "generator.top_p"),
+    ("generator.top_k=50", "generator.top_k"),
+    ("generator.n_samples=1", "generator.n_samples"),
+    ("algorithm.advantage=ppo2", "algorithm.advantage"),
+    ("learner.batch_size=30", "learner.num_minibatches"),
+    ("generator.temperature=0", "generator.temperature"),
+    ("algorithm.clip_eps=1.5", "algorithm.clip_eps"),
+    ("replay.capacity=2", "replay.capacity"),
+])
+def test_impossible_combinations_are_rejected(override, key):
+    extra = ["learner.num_minibatches=4"] if key == "learner.num_minibatches" else []
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(preset="tiny", overrides=[override, *extra])
