@@ -189,7 +189,7 @@ class RunConfig:
     """CPUs of the local Ray started when ray_address is unset; default the machine's count."""
     log_samples_every: int = 10
     """Log sample responses every N learner steps."""
-    eval_samples_per_prompt: int = 2
+    eval_samples_per_prompt: int = 4
     """`rlhf-ray eval`: responses per held-out prompt, for each of policy and reference."""
     tensorboard: bool = True
     plots: bool = True

@@ -35,7 +35,15 @@ _SUMMED = ("rollout/prompts", "rollout/prompts_truncated", "rollout/prompts_drop
 def make_run_dir(cfg: Config) -> Path:
     name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.output_dir) / name
+    if (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"run directory {run_dir} already holds a run; choose another run.name"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
+    latest = Path(cfg.run.output_dir) / "latest"
+    if latest.is_symlink() or not latest.exists():
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(run_dir.resolve(), target_is_directory=True)
     return run_dir
 
 
@@ -107,6 +115,15 @@ class System:
     learner: object
     weight_store: object
     replay: object  # ReplayClient
+
+    def shutdown(self) -> None:
+        """Kills this run's actors (a driver that lives on, e.g. a test session, gets its CPUs
+        and memory back)."""
+        import ray
+
+        for actor in [*self.generators, *self.scorers, *self.shards, self.learner,
+                      self.weight_store]:
+            ray.kill(actor)
 
 
 def build_system(cfg: Config) -> System:
@@ -233,7 +250,8 @@ class Trainer:
         finally:
             bar.close()
             sink.close()
-        self._finish(system, sink.history)
+            system.shutdown()
+        self._finish(sink.history)
         return sink.history[-1] if sink.history else {}
 
     def _log_step(self, metrics: dict, window: dict, replay_stats: dict, step_s: float) -> dict:
@@ -313,8 +331,11 @@ class Trainer:
                 maybe_generate(i)
                 if len(pending) > before:
                     idle_generators.discard(i)
-        for ref, (kind, _) in pending.items():
-            ray.cancel(ref)
+        for ref in pending:  # requests still running are abandoned; their rows are not needed
+            try:
+                ray.cancel(ref)
+            except Exception:  # a task that already finished cannot be cancelled
+                pass
 
     def _sync_loop(self, system: System):
         import ray
@@ -343,7 +364,7 @@ class Trainer:
             log.warning("quarantined sample %s (prompt %s): %s", q["uid"], q["prompt_uid"],
                         q["reason"])
 
-    def _finish(self, system: System, history: list[dict]) -> None:
+    def _finish(self, history: list[dict]) -> None:
         import shutil
 
         from rlhf_ray.metrics import plot_curves

@@ -129,12 +129,15 @@ def evaluate(run_dir: str | Path, *, samples_per_prompt: int | None = None,
             rewards = reward.score_texts(prompt_text, texts)
         else:
             rewards = [float(reward(p, t)) for p, t in zip(prompt_text, texts)]
-        pol = batched_logprobs(model, prompts_rep, responses, pad_id=tokenizer.pad_token_id,
-                               temperature=temp)
-        with model.disable_adapter():
-            ref = batched_logprobs(model, prompts_rep, responses, pad_id=tokenizer.pad_token_id,
-                                   temperature=temp)
-        kls = [sum(a - b for a, b in zip(x, y)) for x, y in zip(pol, ref)]
+        if name == "policy":
+            pol = batched_logprobs(model, prompts_rep, responses,
+                                   pad_id=tokenizer.pad_token_id, temperature=temp)
+            with model.disable_adapter():
+                ref = batched_logprobs(model, prompts_rep, responses,
+                                       pad_id=tokenizer.pad_token_id, temperature=temp)
+            kls = [sum(a - b for a, b in zip(x, y)) for x, y in zip(pol, ref)]
+        else:
+            kls = [0.0] * len(responses)  # the reference's KL to itself
         rm, rci = mean_ci(rewards)
         km, kci = mean_ci(kls)
         rep = ModelReport(name, rm, rci, km, kci, distinct_n(texts, 1), distinct_n(texts, 2),

@@ -42,6 +42,9 @@ def load_tokenizer(cfg: ModelConfig):
 def load_base_model(cfg: ModelConfig, *, frozen: bool = True):
     """The plain pretrained model, in eval mode (dropout off); frozen unless asked otherwise."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per actor per load is noise in the driver's log
 
     path = resolve_model_path(cfg.name, cfg.cache_dir)
     model = AutoModelForCausalLM.from_pretrained(

@@ -175,3 +175,36 @@ def test_batch_masks_come_from_lengths():
     rows = make_rows([[1], [1]], [[5, 7, 2], [5, 7, 8, 8, 8]], [[0.0] * 3, [0.0] * 5])
     batch = Batch.from_table(experience_table(rows))
     assert batch.mask[0].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_gae_trains_the_value_head_and_several_epochs_use_the_proximal_pass():
+    cfg = tiny_config("algorithm.advantage=gae", "learner.batch_size=6", "learner.ppo_epochs=2",
+                      "learner.num_minibatches=2", "learner.micro_batch_size=2",
+                      "algorithm.kl_controller=adaptive", "algorithm.kl_target=0.01",
+                      "learner.lr_schedule=cosine", "learner.warmup_steps=1")
+    trainer = PPOTrainer(cfg)
+    assert trainer.policy.value_head is not None
+    prompts, responses = _gpt2_prompts()
+    rows = _rows_from_policy(trainer, prompts, responses, reward=[1.0, 0.0, 1.0, 0.0, 0.5, 0.2],
+                             finish_reason=["stop", "length"] * 3)
+    head_before = trainer.policy.value_head.proj.weight.clone()
+    metrics = trainer.train_on(experience_table(rows))
+    assert metrics["policy/value_loss"] > 0
+    assert not torch.equal(trainer.policy.value_head.proj.weight, head_before)
+    # 2 epochs x 2 minibatches: the later optimizer steps see a ratio that moved off 1
+    assert metrics["policy/approx_kl"] > 0
+    assert metrics["learner/skipped_updates"] == 0
+    assert 0 < metrics["learner/lr"] <= cfg.learner.lr
+
+
+def test_a_nan_batch_skips_the_update_and_keeps_weights_finite():
+    cfg = tiny_config("learner.batch_size=6")
+    trainer = PPOTrainer(cfg)
+    prompts, responses = _gpt2_prompts()
+    rows = _rows_from_policy(trainer, prompts, responses, group_advantage=1.0)
+    rows[0]["ref_logprobs"] = [float("nan")] * 8  # poisons the KL shaping of one row
+    before = [p.clone() for p in trainer.policy.trainable_parameters()]
+    metrics = trainer.train_on(experience_table(rows))
+    assert metrics["learner/skipped_updates"] == 1
+    after = trainer.policy.trainable_parameters()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -81,3 +81,23 @@ def test_reward_model_scores_the_last_real_token_whatever_the_padding():
     left = score_sequences(model, seqs, 2, "left")
     assert right == pytest.approx(alone, abs=1e-5)
     assert left == pytest.approx(alone, abs=1e-5)
+
+
+def test_a_reward_model_folder_scores_rollouts(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf_ray.models.builtin import ensure_builtin
+
+    tok = AutoTokenizer.from_pretrained(ensure_builtin("tiny-llama"))
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
+                         pad_token_id=tok.pad_token_id, num_labels=1)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    scorer = RewardScorer(tiny_config(f"scorer.reward=model:{tmp_path / 'rm'}"))
+    report, table = scorer.score(_rollouts(["good", "bad", "fine", "ok"], ["a", "a", "b", "b"]),
+                                 return_table=True)
+    assert report.inserted == 0 and report.quarantined == 0 and len(table) == 4
+    rewards = table.column("reward").to_pylist()
+    assert len(set(rewards)) > 1 and all(math.isfinite(r) for r in rewards)
