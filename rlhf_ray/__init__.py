@@ -1,0 +1,1 @@
+"""rlhf_ray: sample-efficient distributed RLHF on Ray (generators, scorers, replay, LoRA learners)."""

@@ -176,8 +176,10 @@ class _Window:
     rows: int = 0
     lags: list = field(default_factory=list)
 
-    def add_report(self, report) -> None:
+    def add_report(self, report, learner_version: int) -> None:
         st = report.stats
+        if report.inserted:
+            self.lags.append(learner_version - st.get("rollout/policy_version_mean", 0.0))
         for k in _SUMMED:
             if k in st:
                 self.sums[k] += st[k]
@@ -312,7 +314,7 @@ class Trainer:
                 in_flight_rows -= rows_per_request
                 buffered_rows += report.inserted
                 self.samples_scored += report.inserted
-                window.add_report(report)
+                window.add_report(report, learner_version)
                 self._quarantine_log(report)
             else:
                 metrics = ray.get(ref)
@@ -349,8 +351,9 @@ class Trainer:
                 refs = [g.generate.remote(self._prompt_batch()) for g in system.generators]
                 reports = ray.get([system.scorers[i % len(system.scorers)].score.remote(r)
                                    for i, r in enumerate(refs)])
+                version = ray.get(system.learner.get_version.remote())
                 for report in reports:
-                    window.add_report(report)
+                    window.add_report(report, version)
                     self._quarantine_log(report)
                     need -= report.inserted
                     self.samples_scored += report.inserted

@@ -55,7 +55,7 @@ GLOSSARY: dict[str, str] = {
     "weights/broadcast_s": "seconds to publish one adapter version",
     "weights/bytes": "bytes of one published adapter",
     "weights/publish_failures": "publishes that failed (version not bumped)",
-    "weights/version_lag_mean": "mean (learner version - generator version) at request admission",
+    "weights/version_lag_mean": "mean (learner version - row policy_version) when rows are scored",
     "perf/generate_s": "seconds in generate, summed over requests since the last step",
     "perf/generate_tokens_per_s": "generator throughput, tokens per second",
     "perf/score_s": "seconds scoring, summed over batches since the last step",

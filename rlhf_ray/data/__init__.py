@@ -1,0 +1,1 @@
+"""Prompt datasets, the held-out split and the prompt cursor."""

@@ -1,0 +1,1 @@
+"""The learner: PPO on one batch (`PPOTrainer`) and the Learner actor class around it."""

@@ -1,0 +1,1 @@
+"""Scoring: reward functions and reward models, and the RewardScorer actor class."""

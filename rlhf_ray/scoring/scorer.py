@@ -134,6 +134,9 @@ class RewardScorer:
             "rollout/truncated_frac": (
                 sum(row["finish_reason"] == "length" for row in rows) / len(rows) if rows else 0.0
             ),
+            "rollout/policy_version_mean": (
+                sum(row["policy_version"] for row in rows) / len(rows) if rows else 0.0
+            ),
             "perf/score_s": time.perf_counter() - start,
         }
         report = ScoreReport(inserted=inserted, quarantined=len(quarantine), stats=stats,

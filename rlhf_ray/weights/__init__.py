@@ -1,0 +1,1 @@
+"""Versioned publishing of adapter weights through the Ray object store."""
