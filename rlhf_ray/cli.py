@@ -88,10 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.config import ConfigError
     from rlhf_ray.data.prompts import DataError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also stand after flags (`train --sync run.steps=2`)
+    if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            ValueError) as e:
         print(f"rlhf-ray: error: {e}", file=sys.stderr)
         return 2
 

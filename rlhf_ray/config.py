@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -93,7 +94,7 @@ class ScorerConfig:
     num_gpus: float = 0.0
     torch_threads: int = 1
     reward: str = "vader"
-    """Builtin reward fn (`vader`, `count-a`), a Python callable `module:function` (runs that code),
+    """Builtin reward fn (`vader`, `letter-e`), a Python callable `module:function` (runs that code),
     or `model:PATH` for an HF sequence-classification reward model."""
     reward_batch_size: int = 32
     """Rows per reference/reward-model forward pass."""
@@ -258,7 +259,8 @@ def _merge_file(base, path: Path):
         key = getattr(e, "full_key", None) or ""
         line = _yaml_line(path, key) if key else None
         where = f"{path}:{line}" if line else str(path)
-        raise ConfigError(f"{where}: key {key!r}: {_first_line(e)}") from None
+        what = f"key {key!r}" if key else "a section is not a mapping of keys"
+        raise ConfigError(f"{where}: {what}: {_first_line(e)}") from None
 
 
 def _first_line(e: Exception) -> str:
@@ -278,14 +280,14 @@ def load_config(
     for f in files:
         path = Path(f)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {f}")
+            raise ConfigError(f"config file not found (or not a file): {f}")
         cfg = _merge_file(cfg, path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. learner.lr=1e-4")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
             key = getattr(e, "full_key", None) or item.split("=", 1)[0]
             raise ConfigError(f"override {item!r}: key {key!r}: {_first_line(e)}") from None
     result = OmegaConf.to_object(cfg)
@@ -310,6 +312,8 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value}: must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}={value}: must be {'>= 0' if allow_zero else '> 0'}")
 
@@ -349,6 +353,8 @@ def validate(cfg: Config) -> None:
         ("data.max_prompt_tokens", d.max_prompt_tokens),
         ("run.steps", cfg.run.steps),
         ("algorithm.is_cap", a.is_cap),
+        ("replay.sample_timeout_s", rep.sample_timeout_s),
+        ("model.lora_alpha", m.lora_alpha),
     ]:
         _positive(key, value)
     for key, value in [
@@ -359,8 +365,23 @@ def validate(cfg: Config) -> None:
         ("generator.num_gpus", g.num_gpus),
         ("learner.num_gpus", lrn.num_gpus),
         ("scorer.num_gpus", cfg.scorer.num_gpus),
+        ("learner.warmup_steps", lrn.warmup_steps),
+        ("learner.weight_decay", lrn.weight_decay),
+        ("model.lora_dropout", m.lora_dropout),
+        ("run.log_samples_every", cfg.run.log_samples_every),
+        ("generator.num_cpus", g.num_cpus),
+        ("scorer.num_cpus", cfg.scorer.num_cpus),
+        ("learner.num_cpus", lrn.num_cpus),
+        ("algorithm.vf_coef", a.vf_coef),
     ]:
         _positive(key, value, allow_zero=True)
+    if m.lora_dropout >= 1:
+        raise ConfigError(f"model.lora_dropout={m.lora_dropout}: must be in [0, 1)")
+    if cfg.run.ray_num_cpus is not None and cfg.run.ray_num_cpus < 1:
+        raise ConfigError(f"run.ray_num_cpus={cfg.run.ray_num_cpus}: must be >= 1")
+    if cfg.run.name is not None and (not cfg.run.name or "/" in cfg.run.name
+                                     or cfg.run.name in (".", "..")):
+        raise ConfigError(f"run.name={cfg.run.name!r}: must be a plain folder name")
     if not 0 < a.clip_eps < 1:
         raise ConfigError(f"algorithm.clip_eps={a.clip_eps}: must be in (0, 1)")
     if not 0 < d.eval_fraction < 1:
@@ -369,6 +390,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algorithm.gamma={a.gamma}, algorithm.lam={a.lam}: need 0<gamma<=1, 0<=lam<=1")
     # The learner recomputes log-probs of the full temperature-scaled distribution; a truncated
     # (top-p / top-k) sampling distribution would make every PPO ratio wrong.
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generator.top_p={g.top_p}: must be in (0, 1]")
+    if g.top_k < 0:
+        raise ConfigError(f"generator.top_k={g.top_k}: must be >= 0")
     if g.top_p != 1.0:
         raise ConfigError(
             f"generator.top_p={g.top_p}: training needs top_p=1.0, because the learner recomputes "
@@ -409,3 +434,46 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "generator.backend='vllm': the vLLM backend is not implemented yet; use 'hf'"
         )
+
+
+def preflight(cfg: Config) -> None:
+    """Checks paths and the reward spec in the driver, before Ray or any actor starts.
+
+    A `module:function` reward is imported here once, so this runs that module's import-time
+    code in the driver process as well as in the scorers.
+    """
+    from rlhf_ray.models.builtin import BUILTIN_MODELS
+
+    m = cfg.model
+    if m.name not in BUILTIN_MODELS:
+        path = Path(m.name).expanduser()
+        if path.exists() and not (path / "config.json").is_file():
+            raise ConfigError(f"model.name={m.name!r}: the folder has no config.json")
+        if not path.exists() and (m.name.startswith((".", "/", "~")) or m.name.count("/") != 1):
+            raise ConfigError(
+                f"model.name={m.name!r}: not a builtin ({', '.join(BUILTIN_MODELS)}) and no "
+                "such folder"
+            )
+    if m.adapter_path and not (Path(m.adapter_path) / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"model.adapter_path={m.adapter_path!r}: no adapter_config.json there "
+            "(expected a `save_pretrained` LoRA folder)"
+        )
+    spec = cfg.scorer.reward
+    from rlhf_ray.scoring.rewards import BUILTIN_REWARDS, load_callable
+
+    if spec.startswith("model:"):
+        if not (Path(spec[len("model:"):]) / "config.json").is_file():
+            raise ConfigError(f"scorer.reward={spec!r}: no reward-model folder with config.json")
+    elif spec not in BUILTIN_REWARDS:
+        if ":" not in spec:
+            raise ConfigError(
+                f"scorer.reward={spec!r}: not a builtin ({', '.join(BUILTIN_REWARDS)}), "
+                "a 'module:function' or a 'model:PATH'"
+            )
+        try:
+            load_callable(spec)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        except Exception as e:  # the module raised while being imported
+            raise ConfigError(f"scorer.reward={spec!r}: importing it raised {e!r}") from None

@@ -210,12 +210,15 @@ class Trainer:
     """Runs one training job: the actors, the loop, the metrics and the final adapter."""
 
     def __init__(self, cfg: Config, run_dir: Path | None = None):
+        from rlhf_ray.config import preflight
         from rlhf_ray.data.prompts import PromptCursor, load_prompts, split_prompts
 
         self.cfg = cfg
-        self.run_dir = run_dir or make_run_dir(cfg)
+        preflight(cfg)
         train, _held_out = split_prompts(load_prompts(cfg.data), cfg.data.eval_fraction)
         self.cursor = PromptCursor(train, seed=cfg.data.seed)
+        self.run_dir = run_dir or make_run_dir(cfg)  # only once the inputs are known good
+        self._failing_batches = 0
         self.step = 0
         self.samples_scored = 0
 
@@ -243,10 +246,13 @@ class Trainer:
         self._t_loop = time.perf_counter()
         try:
             loop = self._sync_loop if cfg.run.sync else self._async_loop
+            reward = float("nan")
             for step_metrics in loop(system):
                 sink.write(self.step, step_metrics)
+                # a step may see no newly scored batch; the bar keeps the last reward then
+                reward = step_metrics.get("reward/mean", reward)
                 bar.update(1)
-                bar.set_postfix(reward=f"{step_metrics.get('reward/mean', float('nan')):.3f}",
+                bar.set_postfix(reward=f"{reward:.3f}",
                                 kl=f"{step_metrics.get('policy/kl_ref', 0.0):.3f}")
             ray.get(system.learner.save.remote(str(run_dir / "checkpoint")))
         finally:
@@ -267,7 +273,8 @@ class Trainer:
         merged["perf/step_s"] = step_s
         merged["perf/elapsed_s"] = elapsed
         merged["perf/samples_per_s"] = self.samples_scored / elapsed if elapsed > 0 else 0.0
-        if self.cfg.run.log_samples_every and self.step % self.cfg.run.log_samples_every == 0:
+        every = self.cfg.run.log_samples_every
+        if every and (self.step == 1 or self.step % every == 0):
             for s in samples:
                 log.info("step %d sample | %r -> %r | reward %.3f", self.step, s["prompt"],
                          s["response"], s["reward"])
@@ -363,9 +370,26 @@ class Trainer:
             yield self._log_step(metrics, window.flush(), stats, time.perf_counter() - start)
 
     def _quarantine_log(self, report) -> None:
-        for q in report.quarantine:
+        """Logs a few quarantined samples per batch, and stops a run whose reward fails on every
+        sample of several batches in a row (nothing could ever be trained on)."""
+        for q in report.quarantine[:3]:
             log.warning("quarantined sample %s (prompt %s): %s", q["uid"], q["prompt_uid"],
                         q["reason"])
+        if len(report.quarantine) > 3:
+            log.warning("... and %d more quarantined samples in this batch",
+                        len(report.quarantine) - 3)
+        samples = report.stats.get("rollout/samples", 0)
+        if samples and report.inserted == 0:
+            self._failing_batches += 1
+        else:
+            self._failing_batches = 0
+        if self._failing_batches >= 3:
+            reason = report.quarantine[0]["reason"] if report.quarantine else (
+                "every prompt was dropped or every group was left with < 2 samples")
+            raise RuntimeError(
+                f"3 batches in a row gave no training row (scorer.reward={self.cfg.scorer.reward!r}"
+                f"): {reason}"
+            )
 
     def _finish(self, history: list[dict]) -> None:
         import shutil

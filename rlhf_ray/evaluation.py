@@ -83,6 +83,13 @@ def evaluate(run_dir: str | Path, *, samples_per_prompt: int | None = None,
     from rlhf_ray.models.loading import load_base_model, load_tokenizer
     from rlhf_ray.scoring.rewards import make_reward
 
+    for name, value, ok in [("--samples", samples_per_prompt, lambda v: v >= 1),
+                            ("--temperature", temperature, lambda v: 0 < v < float("inf")),
+                            ("--limit", limit, lambda v: v >= 1)]:
+        if value is not None and not ok(value):
+            raise ValueError(f"{name}={value}: out of range")
+    if not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"--top-p={top_p} must be in (0, 1] and --top-k={top_k} >= 0")
     torch.set_num_threads(threads)
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -100,9 +107,9 @@ def evaluate(run_dir: str | Path, *, samples_per_prompt: int | None = None,
     model = PeftModel.from_pretrained(base, str(adapter))
     model.eval().requires_grad_(False)
     _, held_out = split_prompts(load_prompts(cfg.data), cfg.data.eval_fraction)
-    held_out = held_out[:limit] if limit else held_out
-    n = samples_per_prompt or cfg.run.eval_samples_per_prompt
-    temp = temperature or cfg.generator.temperature
+    held_out = held_out[:limit] if limit is not None else held_out
+    n = cfg.run.eval_samples_per_prompt if samples_per_prompt is None else samples_per_prompt
+    temp = cfg.generator.temperature if temperature is None else temperature
     params = SamplingParams(cfg.generator.max_new_tokens, temp, top_p, top_k)
     prompt_ids = []
     for r in held_out:

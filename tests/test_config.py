@@ -52,3 +52,32 @@ def test_impossible_combinations_are_rejected(override, key):
     extra = ["learner.num_minibatches=4"] if key == "learner.num_minibatches" else []
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(preset="tiny", overrides=[override, *extra])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("scorer.reward=no_such_module_xyz:f", "cannot import"),
+    ("scorer.reward=sentiment", "not a builtin"),
+    ("scorer.reward=model:/nonexistent", "no reward-model folder"),
+    ("model.name=/nonexistent/model", "no such folder"),
+    ("model.adapter_path=/nonexistent", "adapter_config.json"),
+])
+def test_preflight_rejects_bad_paths_and_rewards_before_ray_starts(override, message):
+    from rlhf_ray.config import preflight
+
+    with pytest.raises(ConfigError, match=message):
+        preflight(load_config(preset="tiny", overrides=[override]))
+
+
+@pytest.mark.parametrize("override", ["learner.lr=nan", "generator.temperature=inf",
+                                      "learner.warmup_steps=-3", "model.lora_dropout=2",
+                                      "run.name=../escape", "generator.top_p=1.5"])
+def test_non_finite_and_out_of_range_values_are_rejected(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(preset="tiny", overrides=[override])
+
+
+def test_cli_accepts_overrides_after_flags_and_reports_errors_without_traceback(capsys):
+    from rlhf_ray.cli import main
+
+    assert main(["train", "--preset", "tiny", "--sync", "generator.top_p=0.5"]) == 2
+    assert "generator.top_p=0.5" in capsys.readouterr().err

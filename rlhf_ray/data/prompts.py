@@ -83,7 +83,9 @@ def _read_jsonl(path: Path, field: str) -> list[PromptRecord]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict) or field not in obj:
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object")
+            if field not in obj:
                 raise DataError(f"{path}:{line_no}: field {field!r} is missing")
             text = obj[field]
             if not isinstance(text, str):
@@ -94,17 +96,24 @@ def _read_jsonl(path: Path, field: str) -> list[PromptRecord]:
 
 
 def _read_txt(path: Path) -> list[PromptRecord]:
+    raw = path.read_bytes()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+        line_no = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
     return [PromptRecord(f"{path.stem}-{i}", t) for i, t in enumerate(lines, 1) if t.strip()]
 
 
 def _read_parquet(path: Path, field: str) -> list[PromptRecord]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    import pyarrow as pa
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     if field not in table.column_names:
         raise DataError(f"{path}: column {field!r} is missing (columns: {table.column_names})")
     uids = table.column("uid").to_pylist() if "uid" in table.column_names else None
@@ -134,8 +143,10 @@ def load_prompts(cfg: DataConfig) -> list[PromptRecord]:
         if path.suffix not in readers:
             raise DataError(f"{path}: unsupported prompt file type (use .jsonl, .txt, .parquet)")
         records = readers[path.suffix]()
+    # Empty or whitespace-only prompts are skipped in every format (nothing to continue).
+    records = [r for r in records if r.text.strip()]
     if not records:
-        raise DataError(f"data.prompts={cfg.prompts!r}: no prompts")
+        raise DataError(f"data.prompts={cfg.prompts!r}: no non-empty prompts")
     return records
 
 

@@ -45,3 +45,16 @@ def test_cursor_serves_each_prompt_once_per_pass_with_pass_tagged_uids():
     resumed = PromptCursor(records, seed=0)
     resumed.load_state_dict(state)
     assert [p.uid for p in resumed.take(7)] == [p.uid for p in cursor.take(7)]
+
+
+def test_empty_prompts_are_skipped_in_every_format_and_all_empty_is_an_error(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "  "}\n{"prompt": "real one"}\n{"prompt": ""}\n')
+    assert [r.text for r in load_prompts(DataConfig(prompts=str(f)))] == ["real one"]
+    f.write_text('{"prompt": "  "}\n')
+    with pytest.raises(DataError, match="no non-empty prompts"):
+        load_prompts(DataConfig(prompts=str(f)))
+    bad = tmp_path / "p.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_prompts(DataConfig(prompts=str(bad)))
