@@ -44,6 +44,7 @@ class Learner:
         table = self.replay.sample(n, self.version)
         metrics = self.trainer.train_on(table)
         metrics["replay/sample_wait_s"] = wait_s
+        # staleness against the published version the generators were serving
         metrics["learner/staleness_mean"] = float(
             sum(self.version - v for v in table.column("policy_version").to_pylist()) / len(table)
         )

@@ -225,7 +225,6 @@ class PPOTrainer:
             "learner/lr": self.scheduler.get_last_lr()[0],
             "learner/tokens": tokens / lrn.ppo_epochs,
             "learner/rows": float(len(batch)),
-            "learner/staleness_mean": float((self.version - 1 - batch.policy_version).float().mean()),
             "learner/batch_reward_mean": float(batch.rewards.mean()),
             "perf/train_s": elapsed,
             "perf/train_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
