@@ -81,3 +81,10 @@ def test_cli_accepts_overrides_after_flags_and_reports_errors_without_traceback(
 
     assert main(["train", "--preset", "tiny", "--sync", "generator.top_p=0.5"]) == 2
     assert "generator.top_p=0.5" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_an_error_with_its_line(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("learner:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:3: invalid YAML: .*'lr' is given twice"):
+        load_config(files=[str(f)])
