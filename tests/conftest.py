@@ -49,3 +49,14 @@ def make_rows(prompts, responses, behavior, ref=None, **cols):
             row[k] = v[i] if isinstance(v, (list, tuple)) else v
         rows.append(row)
     return rows
+
+
+ATOL = 1e-6
+
+
+def assert_close(actual, expected, atol: float = ATOL) -> None:
+    """Absolute-tolerance comparison (rtol 0) against a value or list."""
+    import torch
+
+    expected = torch.as_tensor(expected, dtype=actual.dtype)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_ray.generation.backend import Completion, SamplingParams
+from rlhf_ray.models.forward import pad_batch
 from rlhf_ray.models.loading import load_lora_state_dict
 
 
@@ -64,12 +65,8 @@ class HFBackend:
         if not prompt_ids:
             return []
         rows = [p for p in prompt_ids for _ in range(n)]  # n consecutive samples per prompt
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, width - len(r) :] = 1
+        input_ids, attention_mask = pad_batch(rows, self.pad_id, padding_side="left")
+        width = input_ids.shape[1]
         torch.manual_seed(seed)
         out = self.model.generate(
             input_ids=input_ids,

@@ -35,6 +35,20 @@ class PackedBatch:
         return self.input_ids.shape[0]
 
 
+def pad_batch(
+    sequences: list[list[int]], pad_id: int, padding_side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads token lists into `input_ids` [B, L] and an `attention_mask` [B, L] from lengths."""
+    width = max([len(s) for s in sequences] + [0])
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        start = 0 if padding_side == "right" else width - len(seq)
+        input_ids[i, start : start + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, start : start + len(seq)] = 1
+    return input_ids, attention_mask
+
+
 def pack(
     prompts: list[list[int]],
     responses: list[list[int]],
@@ -50,22 +64,20 @@ def pack(
     seq_lens = [len(p) + len(r) for p, r in zip(prompts, responses)]
     length = max(seq_lens)
     t = max([len(r) for r in responses] + [0])
-    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((b, length), dtype=torch.long)
+    input_ids, attention_mask = pad_batch(
+        [list(p) + list(r) for p, r in zip(prompts, responses)], pad_id, padding_side
+    )
     response_ids = torch.zeros((b, t), dtype=torch.long)
     response_mask = torch.zeros((b, t), dtype=torch.float32)
     state_index = torch.zeros((b, t + 1), dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         start = 0 if padding_side == "right" else length - seq_lens[i]
-        seq = torch.tensor(list(p) + list(r), dtype=torch.long)
-        input_ids[i, start : start + len(seq)] = seq
-        attention_mask[i, start : start + len(seq)] = 1
         if r:
             response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             response_mask[i, : len(r)] = 1.0
         # States p-1 .. p-1+len(r); beyond the row's end, repeat its last state (masked anyway).
         idx = start + len(p) - 1 + torch.arange(t + 1)
-        state_index[i] = idx.clamp(max=start + len(seq) - 1)
+        state_index[i] = idx.clamp(max=start + seq_lens[i] - 1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return PackedBatch(
         input_ids=input_ids,

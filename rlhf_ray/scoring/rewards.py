@@ -92,13 +92,10 @@ class RewardModel:
 @torch.no_grad()
 def score_sequences(model, sequences: list[list[int]], pad_id: int, padding_side: str) -> list[float]:
     """Reward-model score of each token sequence, padded on `padding_side` into one batch."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        start = 0 if padding_side == "right" else width - len(s)
-        ids[i, start : start + len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, start : start + len(s)] = 1
+    from rlhf_ray.models.forward import pad_batch
+
+    ids, mask = pad_batch(sequences, pad_id, padding_side)
+    width = ids.shape[1]
     head = getattr(model, "score", None)
     if head is None:
         return model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()

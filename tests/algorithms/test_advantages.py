@@ -18,12 +18,7 @@ from rlhf_ray.algorithms.advantages import (
     token_rewards,
 )
 
-ATOL = 1e-6
-
-
-def _close(actual: torch.Tensor, expected, atol: float = ATOL) -> None:
-    expected = torch.as_tensor(expected, dtype=actual.dtype)
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+from tests.conftest import assert_close as _close
 
 
 # --- masked statistics (C6) -------------------------------------------------------------------

@@ -15,15 +15,11 @@ from rlhf_ray.algorithms.kl import (
     make_kl_controller,
 )
 
-ATOL = 1e-6
+from tests.conftest import assert_close as _close
+
 P = torch.tensor([0.7, 0.2, 0.1])
 Q = torch.tensor([0.5, 0.3, 0.2])
 EXACT_KL_PQ = 0.0851228
-
-
-def _close(actual: torch.Tensor, expected, atol: float = ATOL) -> None:
-    expected = torch.as_tensor(expected, dtype=actual.dtype)
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
 
 
 def _log_ratio(value: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,12 +18,7 @@ from rlhf_ray.algorithms.ppo import (
     value_loss,
 )
 
-ATOL = 1e-6
-
-
-def _close(actual: torch.Tensor, expected, atol: float = ATOL) -> None:
-    expected = torch.as_tensor(expected, dtype=actual.dtype)
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+from tests.conftest import assert_close as _close
 
 
 def _mask_from_lengths(lengths: list[int], width: int) -> torch.Tensor:
