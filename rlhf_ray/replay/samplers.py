@@ -1,11 +1,18 @@
 """Samplers: which of a shard's eligible rows a sample returns.
 
 A sampler sees only row positions and their priorities, never the Arrow data, so a shard can
-swap strategies without touching storage. ``UniformSampler`` draws without replacement, each
-eligible row equally likely. The ``priorities`` argument is the seam for a prioritized sampler
-(the ``priority`` column of the Experience schema): uniform sampling ignores it.
+swap strategies without touching storage.
 
-Not here yet: prioritized sampling and the importance weights it would have to return.
+* ``UniformSampler`` draws without replacement, each eligible row equally likely.
+* ``PrioritizedSampler`` draws row i with probability ``P(i) = w_i / sum_j w_j`` where
+  ``w_i = max(priority_i, min_priority) ** alpha`` (Schaul et al., prioritized experience
+  replay, proportional variant). A batch of k rows is k such draws without replacement
+  (Efraimidis-Spirakis keys), so one row never appears twice in a batch; for k = 1 the draw is
+  exactly ``P``. ``importance_weights`` gives the correction ``(N * P(i)) ** -beta``, divided by
+  its batch maximum so weights only ever scale the loss down.
+
+A sampler's only state is its random generator; ``state_dict``/``load_state_dict`` save and
+restore it, so a restored shard continues the same random stream.
 """
 
 from __future__ import annotations
@@ -35,6 +42,18 @@ class Sampler(Protocol):
             A 1-D int64 array of ``min(n, len(candidates))`` distinct positions taken from
             ``candidates``.
         """
+        ...
+
+    def weights(self, priorities: np.ndarray) -> np.ndarray:
+        """Unnormalised sampling weight of each row (all ones for uniform sampling)."""
+        ...
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state (the random generator's)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a state from ``state_dict``."""
         ...
 
 
@@ -81,3 +100,115 @@ class UniformSampler:
         if k == positions.size:
             return self._rng.permutation(positions)
         return self._rng.choice(positions, size=k, replace=False, shuffle=True)
+
+    def weights(self, priorities: np.ndarray) -> np.ndarray:
+        """Every row weighs 1."""
+        return np.ones(np.shape(priorities), dtype=np.float64)
+
+    def state_dict(self) -> dict:
+        return {"kind": "uniform", "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
+
+
+class PrioritizedSampler:
+    """Proportional prioritized sampling without replacement within a batch.
+
+    Args:
+        alpha: priority exponent; 0 is uniform, 1 fully proportional.
+        min_priority: priorities below this count as this, so no row is starved for ever.
+        seed: seed of the sampler's own random generator.
+    """
+
+    def __init__(self, alpha: float = 0.6, min_priority: float = 1e-3, seed: int | None = 0):
+        if not (np.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
+        if not (np.isfinite(min_priority) and min_priority > 0):
+            raise ValueError(f"min_priority must be finite and > 0, got {min_priority}")
+        self.alpha = float(alpha)
+        self.min_priority = float(min_priority)
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    def weights(self, priorities: np.ndarray) -> np.ndarray:
+        """``max(priority, min_priority) ** alpha`` per row."""
+        p = np.maximum(np.asarray(priorities, dtype=np.float64), self.min_priority)
+        return p**self.alpha
+
+    def sample(
+        self, candidates: np.ndarray | int, n: int, priorities: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Draws ``min(n, len(candidates))`` distinct positions, proportional to the weights.
+
+        Args:
+            candidates: eligible positions, or their count.
+            n: rows wanted.
+            priorities: one priority per candidate (required).
+
+        Returns:
+            The chosen positions, highest key first.
+        """
+        positions = _as_positions(candidates)
+        k = min(max(int(n), 0), positions.size)
+        if k == 0:
+            return np.empty(0, dtype=np.int64)
+        if priorities is None or np.shape(priorities) != positions.shape:
+            raise ValueError("PrioritizedSampler needs one priority per candidate")
+        w = self.weights(priorities)
+        # Efraimidis-Spirakis: the k largest keys log(u) / w are k sequential draws without
+        # replacement, each proportional to the weights of the rows not drawn yet.
+        keys = np.log(self._rng.random(positions.size)) / w
+        if k == positions.size:
+            order = np.argsort(-keys, kind="stable")
+        else:
+            top = np.argpartition(-keys, k - 1)[:k]
+            order = top[np.argsort(-keys[top], kind="stable")]
+        return positions[order]
+
+    def state_dict(self) -> dict:
+        return {"kind": "prioritized", "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
+
+
+def importance_weights(probabilities: np.ndarray, beta: float) -> np.ndarray:
+    """Prioritized-replay importance weights ``(N * P(i)) ** -beta / max_j (N * P(j)) ** -beta``.
+
+    N (the number of eligible rows) cancels in the ratio, so it is not an argument.
+
+    Args:
+        probabilities: ``P(i)`` of each sampled row: its single-draw probability over all
+            eligible rows of the buffer.
+        beta: correction exponent; 0 gives all ones, 1 the full correction.
+
+    Returns:
+        One weight per row in (0, 1]; the batch's least likely row gets 1.
+    """
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if probs.size == 0:
+        return probs
+    if not np.all((probs > 0) & np.isfinite(probs)):
+        raise ValueError("sampling probabilities must be finite and > 0")
+    # log space: (N P)^-beta / max(...) = exp(-beta * (log P - min log P))
+    logp = np.log(probs)
+    return np.exp(-float(beta) * (logp - logp.min()))
+
+
+def annealed_beta(beta0: float, step: int, total_steps: int) -> float:
+    """``beta`` annealed linearly from ``beta0`` at step 0 to 1 at ``total_steps``."""
+    if total_steps <= 0:
+        return 1.0
+    frac = min(max(step / total_steps, 0.0), 1.0)
+    return float(beta0 + (1.0 - beta0) * frac)
+
+
+def make_sampler(kind: str, *, alpha: float = 0.6, min_priority: float = 1e-3,
+                 seed: int | None = 0) -> Sampler:
+    """``uniform`` or ``prioritized``."""
+    if kind == "uniform":
+        return UniformSampler(seed)
+    if kind == "prioritized":
+        return PrioritizedSampler(alpha=alpha, min_priority=min_priority, seed=seed)
+    raise ValueError(f"unknown sampler {kind!r}: expected 'uniform' or 'prioritized'")

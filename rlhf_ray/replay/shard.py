@@ -15,9 +15,14 @@ same class as a Ray actor, and ``make_shard_actors`` starts S of them. Storage:
 Every hot path (eligibility, eviction, sampling) is a vectorised numpy mask; Python loops run
 only over the uids of newly inserted or evicted rows.
 
+An optional ``RateLimiter`` (``ratelimiter.py``) caps what each call may do: ``try_insert``
+stores only the rows the limiter admits and says how many it consumed, ``sample`` returns at
+most the admitted number, and rows evicted before they were sampled ``spi`` times are forfeited
+to the limiter. The limiter never blocks; ``ReplayClient`` does the waiting.
+
 Left out on purpose: a uid is remembered only while its row is stored, so a retry that arrives
-after its row was evicted is stored again. There is no rate limiter and no write-ahead log here
-yet; a shard's contents are lost with its actor.
+after its row was evicted is stored again. There is no write-ahead log here yet; a shard's
+contents are lost with its actor.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import pyarrow.compute as pc
 import ray
 from ray.actor import ActorHandle
 
+from rlhf_ray.replay.ratelimiter import RateLimiter
 from rlhf_ray.replay.removers import EligibilityRule, FifoRemover, Remover
 from rlhf_ray.replay.samplers import Sampler, UniformSampler
 from rlhf_ray.types import EXPERIENCE_COLUMNS, EXPERIENCE_SCHEMA, FINISH_REASONS
@@ -130,6 +136,7 @@ class ReplayShard:
         seed: seed of the default ``UniformSampler``.
         sampler: replaces the default ``UniformSampler(seed)``.
         remover: replaces the default ``FifoRemover(capacity)``; its capacity wins.
+        rate_limiter: when given, inserts and samples keep its samples-per-insert ratio.
     """
 
     def __init__(
@@ -141,7 +148,9 @@ class ReplayShard:
         seed: int | None = 0,
         sampler: Sampler | None = None,
         remover: Remover | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
+        self._limiter = rate_limiter
         self._remover: Remover = remover if remover is not None else FifoRemover(capacity)
         self._sampler: Sampler = sampler if sampler is not None else UniformSampler(seed)
         self._rule = EligibilityRule(max_staleness, max_times_sampled)
@@ -170,7 +179,8 @@ class ReplayShard:
 
         A bad table raises before anything changes, so stored rows are never lost to it. Rows
         whose uid is already stored (or repeated within ``table``) are skipped: retrying an
-        insert is a no-op.
+        insert is a no-op. With a rate limiter, rows beyond its allowance are not stored; use
+        ``try_insert`` to learn how many were.
 
         Args:
             table: rows with exactly the ``EXPERIENCE_SCHEMA`` columns.
@@ -182,21 +192,38 @@ class ReplayShard:
         Raises:
             ValueError: the table does not match the schema; the message names the column.
         """
+        return self.try_insert(table)[1]
+
+    def try_insert(self, table: pa.Table) -> tuple[int, int]:
+        """Like ``insert``, but stops where the rate limiter's allowance ends.
+
+        Duplicates of stored uids cost no allowance. The rows are taken in table order, so a
+        caller resends ``table.slice(consumed)`` later.
+
+        Returns:
+            ``(consumed, new)``: the first ``consumed`` rows of ``table`` were handled (stored,
+            or skipped as duplicates), ``new`` of them stored.
+        """
         table = validate_experience_table(table)
         if table.num_rows == 0:
-            return 0
+            return 0, 0
+        allowance = self._limiter.insert_allowance() if self._limiter is not None else None
 
         # Dedup against stored uids and within the batch (first occurrence wins).
         keep: list[int] = []
         batch_uids: dict[str, int] = {}
+        consumed = table.num_rows
         for i, uid in enumerate(table.column("uid").to_pylist()):
             if uid in self._seq_of_uid or uid in batch_uids:
                 continue
+            if allowance is not None and len(keep) >= allowance:
+                consumed = i
+                break
             batch_uids[uid] = self._next_seq + len(keep)
             keep.append(i)
-        self._duplicates += table.num_rows - len(keep)
+        self._duplicates += consumed - len(keep)
         if not keep:
-            return 0
+            return consumed, 0
         # take() copies into buffers this shard owns, so no object-store memory stays pinned.
         new = table.take(pa.array(keep, type=pa.int64()))
 
@@ -212,12 +239,14 @@ class ReplayShard:
         self._seq_of_uid.update(batch_uids)
         self._next_seq += len(keep)
         self._inserted += len(keep)
+        if self._limiter is not None:
+            self._limiter.record_insert(len(keep))
 
         evict = np.unique(self._remover.select_evictions(self._inserted_at))
         if evict.size:
             self._remove(evict)
             self._evicted_fifo += int(evict.size)
-        return len(keep)
+        return consumed, len(keep)
 
     def update_priorities(self, uids: list[str], priorities: list[float]) -> int:
         """Sets the ``priority`` of stored rows by uid; uids not stored are skipped.
@@ -256,16 +285,39 @@ class ReplayShard:
             learner_version: the learner's current policy version.
 
         Returns:
-            An Experience table whose ``times_sampled`` already includes this sample.
+            An Experience table whose ``times_sampled`` already includes this sample. With a
+            rate limiter, at most its sample allowance of rows.
         """
         self._evict_stale(learner_version)
         eligible = np.flatnonzero(
             self._rule.eligible(self._policy_version, self._times_sampled, learner_version)
         )
+        if self._limiter is not None:
+            n = min(int(n), self._limiter.sample_allowance())
         chosen = self._sampler.sample(eligible, n, self._priority[eligible])
         self._times_sampled[chosen] += 1
         self._sampled += int(chosen.size)
+        if self._limiter is not None:
+            self._limiter.record_sample(int(chosen.size))
         return self._rows(chosen)
+
+    def summary(self, learner_version: int) -> dict[str, Any]:
+        """What a sample at ``learner_version`` could get now; evicts nothing.
+
+        Returns:
+            ``eligible`` (rows), ``mass`` (sum of the sampler's weights over eligible rows),
+            ``sample_allowance`` and ``insert_allowance`` (the rate limiter's; ``None``
+            without one) and ``size``.
+        """
+        mask = self._rule.eligible(self._policy_version, self._times_sampled, learner_version)
+        limiter = self._limiter
+        return {
+            "eligible": int(np.count_nonzero(mask)),
+            "mass": float(self._sampler.weights(self._priority[mask]).sum()),
+            "sample_allowance": limiter.sample_allowance() if limiter is not None else None,
+            "insert_allowance": limiter.insert_allowance() if limiter is not None else None,
+            "size": self.size(),
+        }
 
     def num_eligible(self, learner_version: int) -> int:
         """How many rows a sample at ``learner_version`` could return now (evicts nothing)."""
@@ -307,6 +359,8 @@ class ReplayShard:
             "evicted_fifo": self._evicted_fifo,
             "evicted_stale": self._evicted_stale,
             "sampled": self._sampled,
+            **({f"limiter_{k}": v for k, v in self._limiter.stats().items()}
+               if self._limiter is not None else {}),
         }
 
     def to_table(self) -> pa.Table:
@@ -337,6 +391,8 @@ class ReplayShard:
 
     def _remove(self, positions: np.ndarray) -> None:
         """Drops the rows at ``positions`` (ascending, distinct) from all storage."""
+        if self._limiter is not None:
+            self._limiter.forfeit(self._times_sampled[positions])
         gone = self._data.column("uid").take(pa.array(positions, type=pa.int64()))
         for uid in gone.to_pylist():
             del self._seq_of_uid[uid]
@@ -375,6 +431,12 @@ def make_shard_actors(
     seed: int,
     name_prefix: str | None = None,
     num_cpus: float = 0,
+    sampler: str = "uniform",
+    alpha: float = 0.6,
+    min_priority: float = 1e-3,
+    samples_per_insert: float | None = None,
+    min_size_to_sample: int = 1,
+    error_buffer: float | None = None,
 ) -> list[ActorHandle]:
     """Starts ``num_shards`` replay shard actors.
 
@@ -386,10 +448,18 @@ def make_shard_actors(
         seed: base seed; shard i samples with seed ``seed + i``.
         name_prefix: when given, shard i is a named actor ``f"{name_prefix}-{i}"``.
         num_cpus: CPUs reserved per shard actor.
+        sampler: ``uniform`` or ``prioritized`` (with ``alpha`` and ``min_priority``).
+        samples_per_insert: when given, every shard gets a ``RateLimiter`` with this ratio.
+        min_size_to_sample: rows the whole buffer must have received before sampling starts;
+            each shard waits for its share, ``ceil(min_size_to_sample / S)``.
+        error_buffer: the buffer-wide error buffer; each shard gets ``error_buffer / S`` (at
+            least ``max(1, samples_per_insert)``), so the buffer-wide ratio stays within it.
 
     Returns:
         The actor handles, in shard order (pass them to ``ReplayClient``).
     """
+    from rlhf_ray.replay.samplers import make_sampler
+
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     handles = []
@@ -397,12 +467,20 @@ def make_shard_actors(
         options: dict[str, Any] = {"num_cpus": num_cpus}
         if name_prefix is not None:
             options["name"] = f"{name_prefix}-{i}"
+        limiter = None
+        if samples_per_insert is not None:
+            floor = max(1.0, float(samples_per_insert))
+            per_shard = None if error_buffer is None else max(floor, error_buffer / num_shards)
+            limiter = RateLimiter(samples_per_insert, -(-min_size_to_sample // num_shards),
+                                  per_shard)
         handles.append(
             ReplayShardActor.options(**options).remote(
                 capacity=capacity,
                 max_staleness=max_staleness,
                 max_times_sampled=max_times_sampled,
-                seed=seed + i,
+                sampler=make_sampler(sampler, alpha=alpha, min_priority=min_priority,
+                                     seed=seed + i),
+                rate_limiter=limiter,
             )
         )
     return handles
