@@ -111,6 +111,35 @@ class ReplayConfig:
     """How often one row may be drawn (1 = each sample trains once)."""
     sample_timeout_s: float = 600.0
     """A learner waiting longer than this for enough eligible rows stops the run with an error."""
+    sampler: str = "uniform"
+    """uniform | prioritized (P(i) proportional to priority^alpha, importance-weighted loss)."""
+    priority_alpha: float = 0.6
+    """Priority exponent of the prioritized sampler (0 = uniform)."""
+    priority_beta: float = 0.4
+    """Importance-weight exponent at step 0, annealed linearly to 1 at run.steps."""
+    min_priority: float = 1e-3
+    """Priorities below this count as this, so no row is starved."""
+    samples_per_insert: Optional[float] = None
+    """Rate limit: rows sampled per row inserted (the replay ratio). null: no limiter; the
+    async driver then paces generation by its look-ahead alone."""
+    min_size_to_sample: Optional[int] = None
+    """Rows inserted before the first sample when rate-limited; default learner.batch_size."""
+    error_buffer: Optional[float] = None
+    """How far inserts*samples_per_insert - samples may drift (rows, buffer-wide); default
+    2 * learner.batch_size * max(1, samples_per_insert)."""
+    insert_timeout_s: float = 600.0
+    """A scorer whose insert is held back by the rate limiter longer than this is an error."""
+    durable: bool = True
+    """Shards keep a write-ahead log and snapshots under RUN_DIR/replay and survive restarts."""
+    snapshot_every: int = 200
+    """Mutating operations between two snapshots of a durable shard."""
+    fsync: bool = False
+    """fsync every log record (survives machine crashes, not only process kills; slower)."""
+    offline_files: list[str] = field(default_factory=list)
+    """Experience Parquet (e.g. from `rlhf-ray buffer export`) or scored JSONL
+    ({"prompt", "response", "reward"} per line) loaded into the offline table."""
+    offline_fraction: float = 0.0
+    """Share of each learner batch drawn from the offline table."""
 
 
 @dataclass
@@ -440,6 +469,35 @@ def validate(cfg: Config) -> None:
             "algorithm.kl_estimator='k2' with kl_mode='reward': k2 is not an unbiased per-token "
             "reward penalty; use k1 (or k3) for reward shaping"
         )
+    _choice("replay.sampler", rep.sampler, ("uniform", "prioritized"))
+    for key, value in [("replay.priority_alpha", rep.priority_alpha),
+                       ("replay.priority_beta", rep.priority_beta)]:
+        _positive(key, value, allow_zero=True)
+    _positive("replay.min_priority", rep.min_priority)
+    _positive("replay.insert_timeout_s", rep.insert_timeout_s)
+    _positive("replay.snapshot_every", rep.snapshot_every)
+    if rep.priority_beta > 1:
+        raise ConfigError(f"replay.priority_beta={rep.priority_beta}: must be in [0, 1]")
+    if rep.samples_per_insert is not None:
+        spi = rep.samples_per_insert
+        _positive("replay.samples_per_insert", spi)
+        if rep.max_times_sampled < math.ceil(spi):
+            raise ConfigError(
+                f"replay.max_times_sampled={rep.max_times_sampled} < replay.samples_per_insert="
+                f"{spi}: rows could never be sampled as often as the rate limit asks"
+            )
+        eb = replay_error_buffer(cfg)
+        if eb < rep.num_shards * max(1.0, spi):
+            raise ConfigError(
+                f"replay.error_buffer={eb}: must be >= replay.num_shards * max(1, "
+                f"samples_per_insert) = {rep.num_shards * max(1.0, spi):g}"
+            )
+        if replay_min_size(cfg) < 1:
+            raise ConfigError(f"replay.min_size_to_sample={rep.min_size_to_sample}: must be >= 1")
+    if not 0 <= rep.offline_fraction < 1:
+        raise ConfigError(f"replay.offline_fraction={rep.offline_fraction}: must be in [0, 1)")
+    if rep.offline_fraction > 0 and not rep.offline_files:
+        raise ConfigError("replay.offline_fraction > 0 needs replay.offline_files")
     if lrn.num > 1:
         raise ConfigError(
             f"learner.num={lrn.num}: this build runs one learner actor; several data-parallel "
@@ -449,6 +507,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "generator.backend='vllm': the vLLM backend is not implemented yet; use 'hf'"
         )
+
+
+def replay_min_size(cfg: Config) -> int:
+    """The rate limiter's buffer-wide minimum size before sampling."""
+    rep = cfg.replay
+    return cfg.learner.batch_size if rep.min_size_to_sample is None else rep.min_size_to_sample
+
+
+def replay_error_buffer(cfg: Config) -> float:
+    """The rate limiter's buffer-wide error buffer (rows)."""
+    rep = cfg.replay
+    if rep.error_buffer is not None:
+        return float(rep.error_buffer)
+    return 2.0 * cfg.learner.batch_size * max(1.0, rep.samples_per_insert or 1.0)
 
 
 def preflight(cfg: Config) -> None:

@@ -4,8 +4,15 @@ Asynchronous pipeline (default). Each generator always has a request in flight u
 buffer is far enough ahead of the learner; each finished request goes to a scorer (round-robin),
 which inserts the scored rows into the replay shards; the learner steps back to back, drawing
 its own batches. The generators run ahead of the learner by at most `replay.max_staleness`
-batches (counting rows buffered and rows in flight), so samples are not generated only to go
-stale. `--sync` (`run.sync=true`) instead generates, scores and trains strictly in turn.
+batches of new rows (counting rows buffered and rows in flight; with a replay ratio
+`replay.samples_per_insert` = k, one learner step consumes batch_size / k new rows), so samples
+are not generated only to go stale. With `replay.samples_per_insert` set, the shards' rate
+limiters also hold back inserts that run ahead of the learner's sampling.
+
+`--sync` (`run.sync=true`) instead alternates strictly: generate and score rounds until the
+buffer can serve a full batch, then one learner step. With a replay ratio k (via
+`replay.max_times_sampled` / `replay.samples_per_insert`) the buffer serves k batches per
+generated batch, so generation runs on every k-th step.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ log = logging.getLogger("rlhf_ray")
 # Step metrics that are sums over the generation/scoring work since the last learner step.
 _SUMMED = ("rollout/prompts", "rollout/prompts_truncated", "rollout/prompts_dropped",
            "rollout/samples", "rollout/tokens", "reward/quarantined", "reward/groups_dropped",
-           "perf/generate_s", "perf/score_s")
+           "perf/generate_s", "perf/score_s", "replay/insert_wait_s")
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -114,38 +121,55 @@ class System:
     shards: list
     learner: object
     weight_store: object
-    replay: object  # ReplayClient
+    replay: object  # ReplayClient of the online table
+    offline_shards: list = field(default_factory=list)
 
     def shutdown(self) -> None:
         """Kills this run's actors (a driver that lives on, e.g. a test session, gets its CPUs
         and memory back)."""
         import ray
 
-        for actor in [*self.generators, *self.scorers, *self.shards, self.learner,
-                      self.weight_store]:
+        for actor in [*self.generators, *self.scorers, *self.shards, *self.offline_shards,
+                      self.learner, self.weight_store]:
             ray.kill(actor)
 
 
-def build_system(cfg: Config) -> System:
+def start_shards(cfg: Config, table: str, run_dir: Path | None) -> list:
+    """The shard actors of one replay table: ``online`` (rate-limited, staleness-limited) or
+    ``offline`` (rows loaded from files: no staleness, reuse or rate limit)."""
+    from rlhf_ray.config import replay_error_buffer, replay_min_size
+    from rlhf_ray.replay.shard import make_shard_actors
+
+    rep = cfg.replay
+    online = table == "online"
+    limited = online and rep.samples_per_insert is not None
+    return make_shard_actors(
+        rep.num_shards, capacity=rep.capacity,
+        max_staleness=rep.max_staleness if online else None,
+        max_times_sampled=rep.max_times_sampled if online else None,
+        seed=cfg.run.seed + (0 if online else 1000),
+        sampler=rep.sampler, alpha=rep.priority_alpha, min_priority=rep.min_priority,
+        samples_per_insert=rep.samples_per_insert if limited else None,
+        min_size_to_sample=replay_min_size(cfg) if limited else 1,
+        error_buffer=replay_error_buffer(cfg) if limited else None,
+    )
+
+
+def build_system(cfg: Config, run_dir: Path | None = None) -> System:
     import ray
 
     from rlhf_ray.generation.generator import Generator
-    from rlhf_ray.learner.learner import Learner
+    from rlhf_ray.learner.learner import Learner, make_replay_client
     from rlhf_ray.models.builtin import resolve_model_path
-    from rlhf_ray.replay.client import ReplayClient
-    from rlhf_ray.replay.shard import make_shard_actors
     from rlhf_ray.scoring.scorer import RewardScorer
     from rlhf_ray.weights.store import WeightStore
 
     # convert/build the model once before several actors try to at the same time
     ray.get(ray.remote(num_cpus=0)(resolve_model_path).remote(cfg.model.name, cfg.model.cache_dir))
     store = ray.remote(num_cpus=0)(WeightStore).remote(keep=1)
-    shards = make_shard_actors(
-        cfg.replay.num_shards, capacity=cfg.replay.capacity,
-        max_staleness=cfg.replay.max_staleness, max_times_sampled=cfg.replay.max_times_sampled,
-        seed=cfg.run.seed,
-    )
-    replay = ReplayClient(shards)
+    shards = start_shards(cfg, "online", run_dir)
+    replay = make_replay_client(cfg, shards)
+    offline_shards = start_shards(cfg, "offline", run_dir) if cfg.replay.offline_files else []
     g, s, lr = cfg.generator, cfg.scorer, cfg.learner
     generators = [
         ray.remote(Generator).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus)
@@ -156,12 +180,19 @@ def build_system(cfg: Config) -> System:
         .remote(cfg, i, replay) for i in range(s.num)
     ]
     learner = ray.remote(Learner).options(num_cpus=lr.num_cpus, num_gpus=lr.num_gpus).remote(
-        cfg, shards, store
+        cfg, shards, store, offline_shards
     )
     # surface construction errors (bad reward spec, missing model) before the loop starts
     ray.get([a.version.remote() for a in generators] + [learner.get_version.remote()])
     ray.get([sc.__ray_ready__.remote() for sc in scorers])
-    return System(generators, scorers, shards, learner, store, replay)
+    if offline_shards:
+        from rlhf_ray.replay.offline import load_offline_rows
+
+        # JSONL rows are tokenized and given reference log-probs by a scorer actor
+        table = load_offline_rows(cfg, scorers[0])
+        loaded = make_replay_client(cfg, offline_shards, 1).insert(table)
+        log.info("offline table: %d rows from %s", loaded, ", ".join(cfg.replay.offline_files))
+    return System(generators, scorers, shards, learner, store, replay, offline_shards)
 
 
 @dataclass
@@ -239,7 +270,7 @@ class Trainer:
         check_resources(cfg)
         log.info("run directory: %s", run_dir)
         t0 = time.perf_counter()
-        system = build_system(cfg)
+        system = build_system(cfg, run_dir)
         log.info("actors ready in %.1fs", time.perf_counter() - t0)
         sink = MetricsSink(run_dir, tensorboard=cfg.run.tensorboard)
         bar = tqdm(total=cfg.run.steps, desc="train", disable=not cfg.run.progress, unit="step")
@@ -286,7 +317,11 @@ class Trainer:
         cfg = self.cfg
         batch = cfg.learner.batch_size
         rows_per_request = cfg.generator.prompts_per_request * cfg.generator.n_samples
-        ahead_limit = batch * (1 + cfg.replay.max_staleness)
+        # new rows one learner step consumes: the online share of a batch over the replay ratio
+        online_batch = batch - (min(round(batch * cfg.replay.offline_fraction), batch - 1)
+                                if cfg.replay.offline_files else 0)
+        new_per_step = online_batch / (cfg.replay.samples_per_insert or 1.0)
+        ahead_limit = max(new_per_step * (1 + cfg.replay.max_staleness), batch)
         pending: dict = {}  # ObjectRef -> (kind, index)
         in_flight_rows = 0
         buffered_rows = 0  # inserted but not yet consumed by the learner
@@ -327,7 +362,7 @@ class Trainer:
                 metrics = ray.get(ref)
                 self.step += 1
                 learner_version = int(metrics["weights/version"])
-                buffered_rows = max(0, buffered_rows - batch * 1)
+                buffered_rows = max(0.0, buffered_rows - new_per_step)
                 now = time.perf_counter()
                 stats = system.replay.stats(learner_version)
                 yield self._log_step(metrics, window.flush(), stats, now - last_step_t)
@@ -350,23 +385,26 @@ class Trainer:
         import ray
 
         cfg = self.cfg
+        rep = cfg.replay
+        online_batch = cfg.learner.batch_size - (
+            min(round(cfg.learner.batch_size * rep.offline_fraction), cfg.learner.batch_size - 1)
+            if rep.offline_files else 0)
+        version = 0
         while self.step < cfg.run.steps:
             start = time.perf_counter()
             window = _Window()
-            need = cfg.learner.batch_size
-            while need > 0:
+            while system.replay.num_servable(version) < online_batch:
                 refs = [g.generate.remote(self._prompt_batch()) for g in system.generators]
                 reports = ray.get([system.scorers[i % len(system.scorers)].score.remote(r)
                                    for i, r in enumerate(refs)])
-                version = ray.get(system.learner.get_version.remote())
                 for report in reports:
                     window.add_report(report, version)
                     self._quarantine_log(report)
-                    need -= report.inserted
                     self.samples_scored += report.inserted
             metrics = ray.get(system.learner.step.remote())
             self.step += 1
-            stats = system.replay.stats(int(metrics["weights/version"]))
+            version = int(metrics["weights/version"])
+            stats = system.replay.stats(version)
             yield self._log_step(metrics, window.flush(), stats, time.perf_counter() - start)
 
     def _quarantine_log(self, report) -> None:

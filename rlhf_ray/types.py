@@ -134,9 +134,11 @@ def validate_row(row: dict, where: str = "row") -> None:
 
 
 def rollout_to_row(
-    r: Rollout, *, reward: float, ref_logprobs: list[float], group_advantage: float = 0.0
+    r: Rollout, *, reward: float, ref_logprobs: list[float], group_advantage: float = 0.0,
+    priority: float = 1.0,
 ) -> dict:
     row = dataclasses.asdict(r)
+    row["priority"] = float(priority)
     row["reward"] = float(reward)
     row["group_advantage"] = float(group_advantage)
     row["ref_logprobs"] = list(ref_logprobs)

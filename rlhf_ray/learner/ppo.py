@@ -9,6 +9,13 @@ One `train_on(table)` call:
    token-mean weights (the minibatch's valid-token count divides every micro-batch's sum);
 5. KL controller update with the KL that the reward shaping or the loss used.
 
+Rows may carry an ``is_weight`` column (prioritized replay's importance weights); it multiplies
+each row's per-token loss. After the update ``row_priorities`` holds a new priority per row for
+the replay buffer: ``mean_t |A_t| * exp(-mean_t |log pi_t - log mu_t|)``, the row's advantage
+magnitude discounted by how far the policy has already moved from the policy mu that sampled it
+(measured in the last pass over the row), so rows that still carry signal and are still near
+the policy are drawn again first.
+
 Ratio anchor (`algorithm.ratio_anchor`):
 - proximal: ratio = pi / pi_proximal, where pi_proximal is the policy when the batch was drawn,
   times the truncated importance weight min(pi_proximal / pi_behavior, is_cap) per token. With a
@@ -196,6 +203,7 @@ class PPOTrainer:
         need_draw = self.use_values or (a.ratio_anchor == "proximal" and not single_step)
         proximal, values = self._draw_pass(batch) if need_draw else (None, None)
         advantages, returns, kl = self._advantages(batch, values)
+        self._row_drift = torch.zeros(len(batch))
 
         sums: dict[str, float] = {}
         minibatch_size = len(batch) // lrn.num_minibatches
@@ -209,6 +217,9 @@ class PPOTrainer:
         else:
             used_kl = float((kl.sum(-1)).mean())  # per sequence, as it entered the rewards
         self.kl_ctl.update(used_kl, len(batch))
+        row_tokens = batch.mask.sum(-1).clamp(min=1.0)
+        abs_adv = (advantages.abs() * batch.mask).sum(-1) / row_tokens
+        self.row_priorities = (abs_adv * torch.exp(-self._row_drift)).tolist()
         self.version += 1
         tokens = sums.pop("tokens", 0.0)
         n_steps = lrn.ppo_epochs * lrn.num_minibatches
@@ -252,6 +263,8 @@ class PPOTrainer:
                 is_w = truncated_is_weights(prox, behavior, a.is_cap)
             else:
                 anchor, is_w = behavior, None
+            drift = ((logprobs.detach() - behavior).abs() * mask).sum(-1)
+            self._row_drift[idx] = drift / mask.sum(-1).clamp(min=1.0)
             row_w = batch.is_weights[idx]
             if not torch.all(row_w == 1):
                 is_w = (is_w if is_w is not None else torch.ones_like(mask)) * row_w[:, None]
