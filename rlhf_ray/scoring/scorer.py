@@ -113,11 +113,13 @@ class RewardScorer:
             batch_size=self.cfg.scorer.reward_batch_size,
         ) if keep else []
         rows = [
+            # the first priority is the group-relative advantage's size (prioritized replay)
             rollout_to_row(rollouts[i], reward=rewards[i], ref_logprobs=lp,
-                           group_advantage=advantages[i])
+                           group_advantage=advantages[i], priority=abs(advantages[i]))
             for i, lp in zip(keep, ref)
         ]
         table = experience_table(rows)
+        score_s = time.perf_counter() - start  # the insert's rate-limit wait is reported apart
         inserted = self.replay.insert(table) if (self.replay is not None and rows) else 0
         kl = [sum(b - r for b, r in zip(row["behavior_logprobs"], row["ref_logprobs"]))
               for row in rows]
@@ -137,7 +139,8 @@ class RewardScorer:
             "rollout/policy_version_mean": (
                 sum(row["policy_version"] for row in rows) / len(rows) if rows else 0.0
             ),
-            "perf/score_s": time.perf_counter() - start,
+            "perf/score_s": score_s,
+            "replay/insert_wait_s": getattr(self.replay, "insert_wait_s", 0.0) if rows else 0.0,
         }
         report = ScoreReport(inserted=inserted, quarantined=len(quarantine), stats=stats,
                              quarantine=quarantine)
