@@ -531,6 +531,10 @@ def preflight(cfg: Config) -> None:
     """
     from rlhf_ray.models.builtin import BUILTIN_MODELS
 
+    if cfg.replay.offline_files:
+        from rlhf_ray.replay.offline import check_offline_files
+
+        check_offline_files(cfg)
     m = cfg.model
     if m.name not in BUILTIN_MODELS:
         path = Path(m.name).expanduser()

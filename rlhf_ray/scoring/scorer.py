@@ -145,3 +145,108 @@ class RewardScorer:
         report = ScoreReport(inserted=inserted, quarantined=len(quarantine), stats=stats,
                              quarantine=quarantine)
         return (report, table) if return_table else report
+
+    def score_records(self, records: list[dict]):
+        """Experience rows (a ``pa.Table``) for offline ``(prompt, response[, reward])`` records.
+
+        The records are those of ONE file (``rlhf_ray.replay.offline.read_scored_jsonl``): each
+        a dict with ``uid``, ``prompt``, ``response``, optional ``reward`` (None: scored with
+        ``scorer.reward``), optional ``where`` (``file:line``, for errors) and ``dataset``
+        (the file, which keys the prompt groups). Per record:
+
+        * the prompt is tokenized as the generator does (special tokens added; longer than
+          ``data.max_prompt_tokens``: its last tokens are kept, or with ``prompt_overflow=drop``
+          the record is skipped); the response is tokenized without special tokens and cut to
+          ``generator.max_new_tokens``. A response that fits gets the EOS token appended and
+          ``finish_reason="stop"`` (it ended, like an online response that stopped); a cut one
+          gets ``"length"``. ``prompt_text``/``response_text`` are the decoded tokens;
+        * assumption: offline responses count as drawn from the reference policy, so
+          ``behavior_logprobs = ref_logprobs`` (the reference at the generator's temperature);
+          ``policy_version`` is 0 and ``source`` is ``"offline"``;
+        * the records of one prompt text form a group (``group_id`` = ``prompt_uid``, a hash of
+          dataset and prompt). With grpo/rloo a group of >= 2 gets the same group-relative
+          advantage as ``score()``; a single-response prompt gets its reward minus the mean
+          reward of all single-response records given here (0 if it is the only one); gae gives
+          0. ``priority = |group_advantage|``.
+
+        Unlike ``score()`` nothing is quarantined: a reward function that raises or returns a
+        non-finite value on a record without a reward raises ``DataError`` naming the record,
+        so a bad offline file stops the run at start instead of silently shrinking.
+        """
+        import hashlib
+        import logging
+
+        from rlhf_ray.data.prompts import DataError
+        from rlhf_ray.models.forward import batched_logprobs
+        from rlhf_ray.types import Rollout
+
+        cfg = self.cfg
+        limit, rule = cfg.data.max_prompt_tokens, cfg.data.prompt_overflow
+        max_new = cfg.generator.max_new_tokens
+        eos = self.tokenizer.eos_token_id
+        rollouts, given, wheres, dropped = [], [], [], 0
+        for rec in records:
+            where = rec.get("where") or rec["uid"]
+            ids = self.tokenizer(rec["prompt"], add_special_tokens=True)["input_ids"]
+            if not ids or not rec["prompt"].strip():
+                raise DataError(f"{where}: field 'prompt' is empty")
+            if len(ids) > limit:
+                if rule == "drop":
+                    dropped += 1
+                    continue
+                ids = ids[-limit:]
+            resp = self.tokenizer(rec["response"], add_special_tokens=False)["input_ids"]
+            if not resp:
+                raise DataError(f"{where}: field 'response' gives no tokens")
+            if len(resp) < max_new or (eos is None and len(resp) == max_new):
+                finish = "stop"
+                resp = resp + [eos] if eos is not None else resp
+            else:
+                resp, finish = resp[:max_new], "length"
+            key = f"{rec.get('dataset', '')}\0{rec['prompt']}".encode()
+            group = "offline-" + hashlib.blake2b(key, digest_size=10).hexdigest()
+            rollouts.append(Rollout(
+                uid=rec["uid"], prompt_uid=group, group_id=group,
+                prompt_text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                response_text=self.tokenizer.decode(resp, skip_special_tokens=True),
+                prompt_ids=list(ids), response_ids=list(resp), behavior_logprobs=[],
+                finish_reason=finish, policy_version=0, source="offline",
+            ))
+            given.append(rec.get("reward"))
+            wheres.append(where)
+        if dropped:
+            logging.getLogger("rlhf_ray").warning(
+                "offline records: %d prompt(s) longer than data.max_prompt_tokens=%d dropped",
+                dropped, limit)
+        rewards = list(given)
+        todo = [i for i, r in enumerate(given) if r is None]
+        if todo:
+            values, reasons = self._rewards(RolloutBatch([rollouts[i] for i in todo]))
+            for i, v, why in zip(todo, values, reasons):
+                if v is None:
+                    raise DataError(
+                        f"{wheres[i]}: field 'reward' is absent and scorer.reward="
+                        f"{cfg.scorer.reward!r} {why or 'failed'}"
+                    )
+                rewards[i] = v
+        rewards = [float(r) for r in rewards]
+        advantages, _ = self._group_advantages(rollouts, rewards)
+        singles = [i for i in range(len(rollouts)) if i not in advantages]
+        if singles:  # grpo/rloo prompts with one response: baseline = mean of those rewards
+            baseline = sum(rewards[i] for i in singles) / len(singles)
+            advantages.update({i: rewards[i] - baseline for i in singles})
+        ref = batched_logprobs(
+            self.reference,
+            [r.prompt_ids for r in rollouts],
+            [r.response_ids for r in rollouts],
+            pad_id=self.tokenizer.pad_token_id,
+            temperature=cfg.generator.temperature,
+            batch_size=cfg.scorer.reward_batch_size,
+        ) if rollouts else []
+        rows = []
+        for i, (r, lp) in enumerate(zip(rollouts, ref)):
+            r.behavior_logprobs = list(lp)  # offline responses count as the reference's samples
+            rows.append(rollout_to_row(r, reward=rewards[i], ref_logprobs=lp,
+                                       group_advantage=advantages[i],
+                                       priority=abs(advantages[i])))
+        return experience_table(rows)

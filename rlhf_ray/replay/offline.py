@@ -1,0 +1,179 @@
+"""Offline data: rows loaded from files at start into the replay buffer's offline table.
+
+The learner mixes `replay.offline_fraction` of each batch from the offline table (no staleness
+limit, no reuse limit, no rate limit). `replay.offline_files` lists files of two formats:
+
+Experience Parquet (`.parquet`)
+    Rows with exactly `EXPERIENCE_SCHEMA` (e.g. written by `rlhf-ray buffer export`). They are
+    checked with `validate_experience_table` and loaded as stored: `source`, `policy_version`,
+    rewards, advantages, log-probs and priorities are kept; only `times_sampled` is reset to 0.
+    Assumption: their `behavior_logprobs` are those of the policy that generated them, which
+    the learner's importance weights then account for like any stale online row.
+
+Scored JSONL (`.jsonl`)
+    One JSON object per line, `{"prompt": str, "response": str, "reward": number}`; `reward` is
+    optional (absent or null: the configured `scorer.reward` scores the response); other keys
+    are ignored and blank lines skipped. The whole file is checked before anything is built,
+    and a bad line (invalid JSON or UTF-8, a missing or empty `prompt`/`response`, a reward that
+    is not a finite number) raises `DataError` naming `file:line` and the field, so nothing of a
+    bad file is inserted. The records then go to a `RewardScorer` actor
+    (`RewardScorer.score_records`), which builds the rows with the reference model:
+
+    * the prompt is tokenized as the generator does (special tokens added, the
+      `data.max_prompt_tokens` / `data.prompt_overflow` rule), the response without special
+      tokens, cut to `generator.max_new_tokens`;
+    * assumption: an offline response counts as drawn from the reference policy, so
+      `behavior_logprobs = ref_logprobs` (its importance weight starts at exp(policy - ref));
+      `policy_version` is 0 and `source` is `"offline"`;
+    * assumption: a response that fits ends the episode like an online one that stopped: the
+      EOS token is appended and `finish_reason` is `"stop"`; a response cut at
+      `generator.max_new_tokens` gets `"length"`;
+    * the rows of one prompt (same text, same file) share a group; with `grpo`/`rloo` a group of
+      >= 2 responses gets the same group-relative advantage as `score()` computes online, and a
+      prompt with a single response gets its reward minus the mean reward of all
+      single-response rows of that file (0 if it is the only one); `gae` gives 0 throughout;
+    * `priority = |group_advantage|`;
+    * uids are stable: a hash of the resolved file path and line number, so loading the same file
+      again (a restart, a retried insert) stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+
+from rlhf_ray.config import Config, ConfigError
+from rlhf_ray.data.prompts import DataError
+from rlhf_ray.types import EXPERIENCE_SCHEMA
+
+SUFFIXES = (".parquet", ".jsonl")
+
+
+def offline_uid(path: Path | str, line_no: int) -> str:
+    """The stable uid of the row built from line `line_no` of the JSONL file `path`."""
+    key = f"{Path(path).resolve()}:{line_no}".encode()
+    return "offline-" + hashlib.blake2b(key, digest_size=10).hexdigest()
+
+
+def check_offline_files(cfg: Config) -> None:
+    """Every `replay.offline_files` entry is an existing file with a supported suffix."""
+    for f in cfg.replay.offline_files:
+        path = Path(f).expanduser()
+        if path.suffix not in SUFFIXES:
+            raise ConfigError(
+                f"replay.offline_files: {f}: unsupported file type {path.suffix or '(none)'!r} "
+                f"(use {', '.join(SUFFIXES)})"
+            )
+        if not path.is_file():
+            raise ConfigError(f"replay.offline_files: {f}: no such file")
+
+
+def read_experience_parquet(path: Path | str) -> pa.Table:
+    """Experience rows from a Parquet file, validated, with `times_sampled` reset to 0."""
+    import pyarrow.parquet as pq
+
+    from rlhf_ray.replay.shard import validate_experience_table
+
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    try:
+        table = validate_experience_table(table)
+    except ValueError as e:
+        raise DataError(f"{path}: not an Experience table: {e}") from None
+    index = table.schema.get_field_index("times_sampled")
+    zeros = pa.array([0] * table.num_rows, type=pa.int64())
+    return table.set_column(index, EXPERIENCE_SCHEMA.field("times_sampled"), zeros)
+
+
+def read_scored_jsonl(path: Path | str) -> list[dict]:
+    """The records of a scored JSONL file, checked line by line, ready for `score_records`.
+
+    Each record holds `uid`, `prompt`, `response`, `reward` (float or None), `where`
+    (`file:line`) and `dataset` (the resolved path, which keys the prompt groups).
+
+    Raises:
+        DataError: naming `file:line` and the field of the first bad line.
+    """
+    path = Path(path)
+    dataset = str(path.resolve())
+    records = []
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from None
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON: {e.msg}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            for name in ("prompt", "response"):
+                if name not in obj:
+                    raise DataError(f"{where}: field {name!r} is missing")
+                if not isinstance(obj[name], str):
+                    raise DataError(
+                        f"{where}: field {name!r} is not a string ({type(obj[name]).__name__})"
+                    )
+                if not obj[name].strip():
+                    raise DataError(f"{where}: field {name!r} is empty")
+            reward = obj.get("reward")
+            if reward is not None:
+                if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+                    raise DataError(f"{where}: field 'reward' is not a number: {reward!r}")
+                if not math.isfinite(reward):
+                    raise DataError(f"{where}: field 'reward' is not finite: {reward!r}")
+                reward = float(reward)
+            records.append({
+                "uid": offline_uid(path, line_no), "prompt": obj["prompt"],
+                "response": obj["response"], "reward": reward, "where": where,
+                "dataset": dataset,
+            })
+    return records
+
+
+def _score(scorer, records: list[dict]) -> pa.Table:
+    method = scorer.score_records
+    if hasattr(method, "remote"):  # a Ray actor handle
+        import ray
+
+        return ray.get(method.remote(records))
+    return method(records)  # an in-process RewardScorer
+
+
+def load_offline_rows(cfg: Config, scorer) -> pa.Table:
+    """All `replay.offline_files` as one Experience table (files in the order given).
+
+    Args:
+        cfg: the run config.
+        scorer: a `RewardScorer` actor handle (or an in-process `RewardScorer`) that builds the
+            rows of JSONL files; unused when every file is Parquet.
+
+    Raises:
+        ConfigError: a file is missing or of an unsupported type.
+        DataError: a file's contents are bad (naming the file, and line and field for JSONL).
+    """
+    check_offline_files(cfg)
+    tables = []
+    for f in cfg.replay.offline_files:
+        path = Path(f).expanduser()
+        if path.suffix == ".parquet":
+            tables.append(read_experience_parquet(path))
+        else:
+            records = read_scored_jsonl(path)
+            if records:
+                tables.append(_score(scorer, records))
+    if not tables:
+        return EXPERIENCE_SCHEMA.empty_table()
+    return pa.concat_tables(tables)
