@@ -4,6 +4,8 @@
     rlhf-ray eval RUN_DIR [--samples N] [--temperature T] [--top-p P] [--top-k K] [--limit N]
     rlhf-ray models [--prepare NAME]
     rlhf-ray presets
+    rlhf-ray buffer inspect RUN_DIR
+    rlhf-ray buffer export RUN_DIR OUT.parquet [--table NAME]
 """
 
 from __future__ import annotations
@@ -54,6 +56,84 @@ def _presets(args) -> int:
     return 0
 
 
+def _buffer_inspect(args) -> int:
+    from rlhf_ray.replay.storage import find_tables, read_shard
+
+    tables = find_tables(args.run_dir)
+    if not tables:
+        print(f"no replay tables under {args.run_dir}/replay")
+        return 0
+    for name, shard_dirs in tables.items():
+        shards = [(path, *read_shard(path)) for path in shard_dirs]
+        versions = [t.column("policy_version") for _, t, _ in shards if t.num_rows]
+        newest = max((int(v.to_numpy().max()) for v in versions), default=0)
+        total = sum(t.num_rows for _, t, _ in shards)
+        print(f"table {name}: {len(shards)} shard(s), {total} rows, newest policy_version "
+              f"{newest}")
+        for path, rows, meta in shards:
+            print(_format_shard(path.name, rows, meta, newest))
+    return 0
+
+
+def _format_shard(name: str, rows, meta: dict, newest: int) -> str:
+    """One shard's block of `buffer inspect`: counts, staleness, times_sampled, sources, reward."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    counters = meta["counters"]
+    lines = [f"  {name}: {rows.num_rows} rows (generation {meta['generation']}, "
+             f"{meta['wal_records']} log record(s), {meta['wal_bytes']} log bytes"
+             + (f", {meta['torn_bytes']} torn" if meta["torn_bytes"] else "") + ")"]
+    if counters:
+        lines.append("    lifetime: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    if not rows.num_rows:
+        return "\n".join(lines)
+    staleness = newest - rows.column("policy_version").to_numpy()
+    lines.append(f"    staleness (vs v{newest}): mean {staleness.mean():.2f}, "
+                 f"median {np.median(staleness):g}, max {staleness.max()}")
+    times = rows.column("times_sampled").to_numpy()
+    values, counts = np.unique(times, return_counts=True)
+    shown = " ".join(f"{v}:{c}" for v, c in zip(values[:10], counts[:10]))
+    if values.size > 10:
+        shown += f" >={values[10]}:{counts[10:].sum()}"
+    lines.append(f"    times_sampled: mean {times.mean():.2f}, max {times.max()}; {shown}")
+    sources = pc.value_counts(rows.column("source")).to_pylist()
+    sources.sort(key=lambda d: (-d["counts"], d["values"]))
+    lines.append("    source: " + ", ".join(f"{d['values']} {d['counts']}" for d in sources))
+    hist, edges = np.histogram(rows.column("reward").to_numpy(), bins=10)
+    lines.append("    reward:")
+    peak = max(int(hist.max()), 1)
+    for count, lo, hi in zip(hist, edges[:-1], edges[1:]):
+        bar = "#" * (max(1, round(30 * count / peak)) if count else 0)
+        lines.append(f"      [{lo:8.3f}, {hi:8.3f}) {count:6d} {bar}".rstrip())
+    return "\n".join(lines)
+
+
+def _buffer_export(args) -> int:
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rlhf_ray.replay.storage import find_tables, read_shard
+    from rlhf_ray.types import EXPERIENCE_SCHEMA
+
+    tables = find_tables(args.run_dir)
+    if args.table is not None:
+        if args.table not in tables:
+            raise ValueError(f"no replay table {args.table!r} under {args.run_dir}/replay "
+                             f"(found: {', '.join(tables) or 'none'})")
+        tables = {args.table: tables[args.table]}
+    parts = [read_shard(path)[0] for paths in tables.values() for path in paths]
+    rows = pa.concat_tables([EXPERIENCE_SCHEMA.empty_table(), *parts])
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    pq.write_table(rows, args.out)
+    print(f"wrote {rows.num_rows} rows from {len(parts)} shard(s) of "
+          f"{', '.join(tables) or 'no tables'} to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list named presets")
     p.set_defaults(func=_presets)
+
+    p = sub.add_parser("buffer", help="read a run's replay buffer from disk (no Ray needed)")
+    buffer = p.add_subparsers(dest="buffer_command", required=True)
+    q = buffer.add_parser("inspect", help="rows, staleness, times_sampled, sources, rewards")
+    q.add_argument("run_dir")
+    q.set_defaults(func=_buffer_inspect)
+    q = buffer.add_parser("export", help="write the stored rows to one Parquet file")
+    q.add_argument("run_dir")
+    q.add_argument("out", metavar="OUT.parquet")
+    q.add_argument("--table", help="only this replay table (default: all)")
+    q.set_defaults(func=_buffer_export)
     return parser
 
 

@@ -152,6 +152,9 @@ def start_shards(cfg: Config, table: str, run_dir: Path | None) -> list:
         samples_per_insert=rep.samples_per_insert if limited else None,
         min_size_to_sample=replay_min_size(cfg) if limited else 1,
         error_buffer=replay_error_buffer(cfg) if limited else None,
+        # durable shards keep a write-ahead log and snapshots; Ray restarts a dead one
+        directory=str(run_dir / "replay" / table) if (rep.durable and run_dir) else None,
+        snapshot_every=rep.snapshot_every, fsync=rep.fsync,
     )
 
 
