@@ -10,10 +10,13 @@ Experience Parquet (`.parquet`)
     Assumption: their `behavior_logprobs` are those of the policy that generated them, which
     the learner's importance weights then account for like any stale online row.
 
-Scored JSONL (`.jsonl`)
-    One JSON object per line, `{"prompt": str, "response": str, "reward": number}`; `reward` is
-    optional (absent or null: the configured `scorer.reward` scores the response); other keys
-    are ignored and blank lines skipped. The whole file is checked before anything is built,
+Scored or preference JSONL (`.jsonl`)
+    One JSON object per line, either `{"prompt": str, "response": str, "reward": number}` with
+    `reward` optional (absent or null: the configured `scorer.reward` scores the response), or a
+    preference pair `{"prompt": str, "chosen": str, "rejected": str}`, which becomes two rows of
+    one group with rewards 1 (chosen) and 0 (rejected), so the group baseline gives the chosen
+    response a positive and the rejected one a negative advantage. Other keys are ignored and
+    blank lines skipped. The whole file is checked before anything is built,
     and a bad line (invalid JSON or UTF-8, a missing or empty `prompt`/`response`, a reward that
     is not a finite number) raises `DataError` naming `file:line` and the field, so nothing of a
     bad file is inserted. The records then go to a `RewardScorer` actor
@@ -119,7 +122,10 @@ def read_scored_jsonl(path: Path | str) -> list[dict]:
                 raise DataError(f"{where}: invalid JSON: {e.msg}") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for name in ("prompt", "response"):
+            pair = "chosen" in obj or "rejected" in obj
+            if pair and "response" in obj:
+                raise DataError(f"{where}: give either 'response' or 'chosen'/'rejected', not both")
+            for name in ("prompt", "chosen", "rejected") if pair else ("prompt", "response"):
                 if name not in obj:
                     raise DataError(f"{where}: field {name!r} is missing")
                 if not isinstance(obj[name], str):
@@ -128,6 +134,18 @@ def read_scored_jsonl(path: Path | str) -> list[dict]:
                     )
                 if not obj[name].strip():
                     raise DataError(f"{where}: field {name!r} is empty")
+            if pair:
+                if obj.get("reward") is not None:
+                    raise DataError(f"{where}: field 'reward' is not used with a preference pair")
+                if obj["chosen"] == obj["rejected"]:
+                    raise DataError(f"{where}: fields 'chosen' and 'rejected' are the same text")
+                for k, (name, reward) in enumerate((("chosen", 1.0), ("rejected", 0.0))):
+                    records.append({
+                        "uid": offline_uid(path, line_no) + f"-{name}", "prompt": obj["prompt"],
+                        "response": obj[name], "reward": reward, "where": f"{where} ({name})",
+                        "dataset": dataset, "pair": f"{line_no}",
+                    })
+                continue
             reward = obj.get("reward")
             if reward is not None:
                 if isinstance(reward, bool) or not isinstance(reward, (int, float)):

@@ -164,7 +164,8 @@ class RewardScorer:
           ``behavior_logprobs = ref_logprobs`` (the reference at the generator's temperature);
           ``policy_version`` is 0 and ``source`` is ``"offline"``;
         * the records of one prompt text form a group (``group_id`` = ``prompt_uid``, a hash of
-          dataset and prompt). With grpo/rloo a group of >= 2 gets the same group-relative
+          dataset and prompt); the two records of one preference pair (``pair`` set) form a
+          group of their own. With grpo/rloo a group of >= 2 gets the same group-relative
           advantage as ``score()``; a single-response prompt gets its reward minus the mean
           reward of all single-response records given here (0 if it is the only one); gae gives
           0. ``priority = |group_advantage|``.
@@ -203,7 +204,8 @@ class RewardScorer:
                 resp = resp + [eos] if eos is not None else resp
             else:
                 resp, finish = resp[:max_new], "length"
-            key = f"{rec.get('dataset', '')}\0{rec['prompt']}".encode()
+            # one group per prompt text; the two rows of a preference pair are a group of their own
+            key = f"{rec.get('dataset', '')}\0{rec['prompt']}\0{rec.get('pair', '')}".encode()
             group = "offline-" + hashlib.blake2b(key, digest_size=10).hexdigest()
             rollouts.append(Rollout(
                 uid=rec["uid"], prompt_uid=group, group_id=group,

@@ -133,6 +133,39 @@ def test_jsonl_with_rewards_gets_group_and_single_response_advantages(tmp_path, 
     assert again.column("uid").to_pylist() == table.column("uid").to_pylist()
 
 
+def test_preference_pairs_become_groups_of_two_with_opposite_advantages(tmp_path, scorer):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": "Count one two and", "chosen": "three", "rejected": "zebra"},
+        {"prompt": "Count one two and", "chosen": "three four", "rejected": "xyz"},
+        {"prompt": "Count one two and", "response": "loose", "reward": 0.5},
+    ])
+    rows = by_response(load_offline_rows(offline_cfg(path), scorer))
+    assert len(rows) == 5
+    for chosen, rejected in (("three", "zebra"), ("three four", "xyz")):
+        c, r = rows[chosen], rows[rejected]
+        assert (c["reward"], r["reward"]) == (1.0, 0.0)
+        assert c["group_id"] == r["group_id"]
+        # grpo with normalize_std over a group of 2: +1 and -1
+        assert c["group_advantage"] == pytest.approx(1.0, abs=1e-5)
+        assert r["group_advantage"] == pytest.approx(-1.0, abs=1e-5)
+    assert rows["three"]["group_id"] != rows["three four"]["group_id"]
+    assert rows["loose"]["group_id"] not in (rows["three"]["group_id"], rows["xyz"]["group_id"])
+
+
+@pytest.mark.parametrize("obj,message", [
+    ({"prompt": "p", "chosen": "a"}, "field 'rejected' is missing"),
+    ({"prompt": "p", "chosen": "a", "rejected": "a"}, "are the same text"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "response": "c"}, "not both"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "reward": 1}, "not used with a preference"),
+])
+def test_bad_preference_pair_names_file_and_line(tmp_path, obj, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "response": "r"}, obj])
+    scorer = NoScorer()
+    with pytest.raises(DataError, match=rf"bad\.jsonl:2.*{message}"):
+        load_offline_rows(offline_cfg(path), scorer)
+    assert scorer.calls == 0
+
+
 def test_jsonl_without_rewards_is_scored_tokenized_and_given_reference_logprobs(tmp_path, scorer):
     from rlhf_ray.models.loading import load_tokenizer
 
