@@ -103,3 +103,24 @@ def test_learner_step_sends_priorities_back_to_the_shards(ray_cluster):
     finally:
         for s in shards:
             ray.kill(s)
+
+
+def test_reward_kl_of_stale_rows_is_taken_at_the_drawing_policy():
+    """Rows from an old version whose behavior log-probs are 0.3 below the (unchanged) policy:
+    the KL penalty uses the policy as drawn (KL 0 to the reference here), not the stale
+    behavior log-probs (which would give -0.3 per token); fresh rows keep the behavior KL."""
+    cfg = tiny_config("learner.batch_size=2", "learner.lr=1e-12",
+                      "algorithm.kl_mode=reward", "algorithm.kl_estimator=k1")
+    results = {}
+    for version in (0, 3):
+        trainer = PPOTrainer(cfg)
+        trainer.version = 3  # the learner is at version 3
+        rows = _rows_from_policy(trainer, PROMPTS[:2], RESPONSES[:2], group_advantage=[1.0, -1.0],
+                                 policy_version=version)
+        for r in rows:
+            r["ref_logprobs"] = list(r["behavior_logprobs"])  # zero-init LoRA: policy == ref
+            r["behavior_logprobs"] = [b - 0.3 for b in r["behavior_logprobs"]]
+        results[version] = trainer.train_on(experience_table(rows))["policy/kl_ref"]
+    tokens = (len(RESPONSES[0]) + len(RESPONSES[1])) / 2
+    assert abs(results[0]) < 1e-4
+    assert abs(results[3] - (-0.3 * tokens)) < 1e-4
