@@ -69,29 +69,37 @@ def tiny_counting(n: int = 48) -> list[PromptRecord]:
     ]
 
 
-def _read_jsonl(path: Path, field: str) -> list[PromptRecord]:
-    records = []
-    with path.open("rb") as f:
+def iter_jsonl_objects(path: Path):
+    """Yields ``(line_no, where, obj)`` for each non-blank line of a JSONL file, where ``where``
+    is ``"file:line"``; a line that is not UTF-8, not JSON or not an object raises DataError."""
+    with Path(path).open("rb") as f:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
+            where = f"{path}:{line_no}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from None
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
+                raise DataError(f"{where}: invalid JSON: {e.msg}") from None
             if not isinstance(obj, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object")
-            if field not in obj:
-                raise DataError(f"{path}:{line_no}: field {field!r} is missing")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{line_no}: field {field!r} is not a string")
-            uid = str(obj.get("uid", f"{path.stem}-{line_no}"))
-            records.append(PromptRecord(uid, text))
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield line_no, where, obj
+
+
+def _read_jsonl(path: Path, field: str) -> list[PromptRecord]:
+    records = []
+    for line_no, where, obj in iter_jsonl_objects(path):
+        if field not in obj:
+            raise DataError(f"{where}: field {field!r} is missing")
+        text = obj[field]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field {field!r} is not a string")
+        uid = str(obj.get("uid", f"{path.stem}-{line_no}"))
+        records.append(PromptRecord(uid, text))
     return records
 
 

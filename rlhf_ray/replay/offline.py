@@ -43,14 +43,13 @@ Scored or preference JSONL (`.jsonl`)
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 
 import pyarrow as pa
 
 from rlhf_ray.config import Config, ConfigError
-from rlhf_ray.data.prompts import DataError
+from rlhf_ray.data.prompts import DataError, iter_jsonl_objects
 from rlhf_ray.types import EXPERIENCE_SCHEMA
 
 SUFFIXES = (".parquet", ".jsonl")
@@ -107,57 +106,43 @@ def read_scored_jsonl(path: Path | str) -> list[dict]:
     path = Path(path)
     dataset = str(path.resolve())
     records = []
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from None
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            pair = "chosen" in obj or "rejected" in obj
-            if pair and "response" in obj:
-                raise DataError(f"{where}: give either 'response' or 'chosen'/'rejected', not both")
-            for name in ("prompt", "chosen", "rejected") if pair else ("prompt", "response"):
-                if name not in obj:
-                    raise DataError(f"{where}: field {name!r} is missing")
-                if not isinstance(obj[name], str):
-                    raise DataError(
-                        f"{where}: field {name!r} is not a string ({type(obj[name]).__name__})"
-                    )
-                if not obj[name].strip():
-                    raise DataError(f"{where}: field {name!r} is empty")
-            if pair:
-                if obj.get("reward") is not None:
-                    raise DataError(f"{where}: field 'reward' is not used with a preference pair")
-                if obj["chosen"] == obj["rejected"]:
-                    raise DataError(f"{where}: fields 'chosen' and 'rejected' are the same text")
-                for k, (name, reward) in enumerate((("chosen", 1.0), ("rejected", 0.0))):
-                    records.append({
-                        "uid": offline_uid(path, line_no) + f"-{name}", "prompt": obj["prompt"],
-                        "response": obj[name], "reward": reward, "where": f"{where} ({name})",
-                        "dataset": dataset, "pair": f"{line_no}",
-                    })
-                continue
-            reward = obj.get("reward")
-            if reward is not None:
-                if isinstance(reward, bool) or not isinstance(reward, (int, float)):
-                    raise DataError(f"{where}: field 'reward' is not a number: {reward!r}")
-                if not math.isfinite(reward):
-                    raise DataError(f"{where}: field 'reward' is not finite: {reward!r}")
-                reward = float(reward)
-            records.append({
-                "uid": offline_uid(path, line_no), "prompt": obj["prompt"],
-                "response": obj["response"], "reward": reward, "where": where,
-                "dataset": dataset,
-            })
+    for line_no, where, obj in iter_jsonl_objects(path):
+        pair = "chosen" in obj or "rejected" in obj
+        if pair and "response" in obj:
+            raise DataError(f"{where}: give either 'response' or 'chosen'/'rejected', not both")
+        for name in ("prompt", "chosen", "rejected") if pair else ("prompt", "response"):
+            if name not in obj:
+                raise DataError(f"{where}: field {name!r} is missing")
+            if not isinstance(obj[name], str):
+                raise DataError(
+                    f"{where}: field {name!r} is not a string ({type(obj[name]).__name__})"
+                )
+            if not obj[name].strip():
+                raise DataError(f"{where}: field {name!r} is empty")
+        if pair:
+            if obj.get("reward") is not None:
+                raise DataError(f"{where}: field 'reward' is not used with a preference pair")
+            if obj["chosen"] == obj["rejected"]:
+                raise DataError(f"{where}: fields 'chosen' and 'rejected' are the same text")
+            for name, reward in (("chosen", 1.0), ("rejected", 0.0)):
+                records.append({
+                    "uid": offline_uid(path, line_no) + f"-{name}", "prompt": obj["prompt"],
+                    "response": obj[name], "reward": reward, "where": f"{where} ({name})",
+                    "dataset": dataset, "pair": f"{line_no}",
+                })
+            continue
+        reward = obj.get("reward")
+        if reward is not None:
+            if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+                raise DataError(f"{where}: field 'reward' is not a number: {reward!r}")
+            if not math.isfinite(reward):
+                raise DataError(f"{where}: field 'reward' is not finite: {reward!r}")
+            reward = float(reward)
+        records.append({
+            "uid": offline_uid(path, line_no), "prompt": obj["prompt"],
+            "response": obj["response"], "reward": reward, "where": where,
+            "dataset": dataset,
+        })
     return records
 
 

@@ -236,8 +236,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (so a rename inside it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -271,7 +272,7 @@ class WalWriter:
             os.close(fd)
         os.replace(tmp, path)
         if fsync:
-            _fsync_dir(path.parent)
+            _fsync_path(path.parent)
         return cls.reopen(path, len(data), fsync=fsync)
 
     @classmethod
@@ -329,7 +330,7 @@ def write_snapshot(directory: str | os.PathLike, generation: int, rows: pa.Table
     try:
         pq.write_table(rows, _tmp(parquet))
         if fsync:
-            _fsync_file(_tmp(parquet))
+            _fsync_path(_tmp(parquet))
         os.replace(_tmp(parquet), parquet)
         writer = WalWriter.create(wal, meta, fsync=fsync)
         with open(_tmp(meta_file), "w") as f:
@@ -345,16 +346,10 @@ def write_snapshot(directory: str | os.PathLike, generation: int, rows: pa.Table
             path.unlink(missing_ok=True)
         raise
     if fsync:
-        _fsync_dir(directory)
+        _fsync_path(directory)
     return writer
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def committed_generations(directory: str | os.PathLike) -> list[int]:
