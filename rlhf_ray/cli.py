@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _train(args) -> int:
@@ -63,16 +64,32 @@ def _buffer_inspect(args) -> int:
     if not tables:
         print(f"no replay tables under {args.run_dir}/replay")
         return 0
+    learner_version = _last_learner_version(args.run_dir)
     for name, shard_dirs in tables.items():
         shards = [(path, *read_shard(path)) for path in shard_dirs]
         versions = [t.column("policy_version") for _, t, _ in shards if t.num_rows]
         newest = max((int(v.to_numpy().max()) for v in versions), default=0)
+        # staleness is measured against the learner's last version when the run logged one
+        against = learner_version if learner_version is not None else newest
         total = sum(t.num_rows for _, t, _ in shards)
         print(f"table {name}: {len(shards)} shard(s), {total} rows, newest policy_version "
-              f"{newest}")
+              f"{newest}" + (f", learner version {learner_version}"
+                             if learner_version is not None else ""))
         for path, rows, meta in shards:
-            print(_format_shard(path.name, rows, meta, newest))
+            print(_format_shard(path.name, rows, meta, against))
     return 0
+
+
+def _last_learner_version(run_dir: str):
+    """The policy version the run's last logged learner step published, or None."""
+    from rlhf_ray.metrics import read_metrics
+
+    try:
+        records = read_metrics(run_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    versions = [r["weights/version"] for r in records if "weights/version" in r]
+    return int(versions[-1]) if versions else None
 
 
 def _format_shard(name: str, rows, meta: dict, newest: int) -> str:
@@ -84,6 +101,10 @@ def _format_shard(name: str, rows, meta: dict, newest: int) -> str:
     lines = [f"  {name}: {rows.num_rows} rows (generation {meta['generation']}, "
              f"{meta['wal_records']} log record(s), {meta['wal_bytes']} log bytes"
              + (f", {meta['torn_bytes']} torn" if meta["torn_bytes"] else "") + ")"]
+    if meta["torn_bytes"]:
+        lines.append(f"    WARNING: {meta['torn_bytes']} log bytes after the last whole record "
+                     "were ignored: a write cut short by a crash, or a damaged log (records "
+                     "after damage are lost)")
     if counters:
         lines.append("    lifetime: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
     if not rows.num_rows:
@@ -126,7 +147,16 @@ def _buffer_export(args) -> int:
         tables = {args.table: tables[args.table]}
     parts = [read_shard(path)[0] for paths in tables.values() for path in paths]
     rows = pa.concat_tables([EXPERIENCE_SCHEMA.empty_table(), *parts])
+    out = Path(args.out)
+    if out.suffix.lower() != ".parquet":
+        raise ValueError(f"{out}: the export is a Parquet file; give a name ending in .parquet")
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a directory; give a file name ending in .parquet")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     parent = os.path.dirname(os.path.abspath(args.out))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise NotADirectoryError(f"{parent} is a file, not a folder")
     os.makedirs(parent, exist_ok=True)
     pq.write_table(rows, args.out)
     print(f"wrote {rows.num_rows} rows from {len(parts)} shard(s) of "
@@ -171,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run_dir")
     q.add_argument("out", metavar="OUT.parquet")
     q.add_argument("--table", help="only this replay table (default: all)")
+    q.add_argument("--force", action="store_true", help="overwrite OUT.parquet if it exists")
     q.set_defaults(func=_buffer_export)
     return parser
 
@@ -186,12 +217,22 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    clean = (ConfigError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError,
+             IsADirectoryError, ValueError, TimeoutError)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            ValueError) as e:
-        print(f"rlhf-ray: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        # an actor's error of a known kind (a rate-limit timeout naming the stalled side, a bad
+        # offline file) arrives wrapped by Ray; it is reported by its message, without the
+        # remote traceback
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, clean):
+            print(f"rlhf-ray: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+            return 2
+        if isinstance(e, clean):
+            print(f"rlhf-ray: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -478,6 +478,11 @@ def validate(cfg: Config) -> None:
     _positive("replay.snapshot_every", rep.snapshot_every)
     if rep.priority_beta > 1:
         raise ConfigError(f"replay.priority_beta={rep.priority_beta}: must be in [0, 1]")
+    # weights max(p, min_priority)^alpha stay representable in float64 within these bounds
+    if rep.priority_alpha > 1:
+        raise ConfigError(f"replay.priority_alpha={rep.priority_alpha}: must be in [0, 1]")
+    if rep.min_priority < 1e-12:
+        raise ConfigError(f"replay.min_priority={rep.min_priority}: must be >= 1e-12")
     if rep.samples_per_insert is not None:
         spi = rep.samples_per_insert
         _positive("replay.samples_per_insert", spi)
@@ -486,10 +491,26 @@ def validate(cfg: Config) -> None:
                 f"replay.max_times_sampled={rep.max_times_sampled} < replay.samples_per_insert="
                 f"{spi}: rows could never be sampled as often as the rate limit asks"
             )
+        if rep.max_staleness + 1 < math.ceil(spi):
+            raise ConfigError(
+                f"replay.max_staleness={rep.max_staleness} with replay.samples_per_insert={spi}: "
+                "a row is drawn at most once per learner step, so it goes stale before it can "
+                f"be sampled {math.ceil(spi)} times; set replay.max_staleness >= "
+                f"{math.ceil(spi) - 1}"
+            )
+        if rep.error_buffer is not None:
+            _positive("replay.error_buffer", rep.error_buffer)
+        if rep.min_size_to_sample is not None and (
+                rep.min_size_to_sample > rep.capacity * rep.num_shards):
+            raise ConfigError(
+                f"replay.min_size_to_sample={rep.min_size_to_sample} exceeds the buffer's "
+                f"capacity replay.capacity*replay.num_shards={rep.capacity * rep.num_shards}"
+            )
         eb = replay_error_buffer(cfg)
         if eb < rep.num_shards * max(1.0, spi):
+            given = "" if rep.error_buffer is not None else " (the default, 2 * batch_size * spi)"
             raise ConfigError(
-                f"replay.error_buffer={eb}: must be >= replay.num_shards * max(1, "
+                f"replay.error_buffer={eb:g}{given}: must be >= replay.num_shards * max(1, "
                 f"samples_per_insert) = {rep.num_shards * max(1.0, spi):g}"
             )
         if replay_min_size(cfg) < 1:

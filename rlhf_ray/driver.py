@@ -42,9 +42,11 @@ _SUMMED = ("rollout/prompts", "rollout/prompts_truncated", "rollout/prompts_drop
 def make_run_dir(cfg: Config) -> Path:
     name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.output_dir) / name
-    if (run_dir / "metrics.jsonl").exists():
+    if run_dir.exists() and any(run_dir.iterdir()):
+        # also a run that failed at start: its replay/ logs would be reopened by the new run
         raise FileExistsError(
-            f"run directory {run_dir} already holds a run; choose another run.name"
+            f"run directory {run_dir} already exists and is not empty; choose another run.name "
+            "or remove it"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     latest = Path(cfg.run.output_dir) / "latest"
@@ -335,7 +337,10 @@ class Trainer:
 
         def maybe_generate(i: int) -> None:
             nonlocal in_flight_rows
-            if buffered_rows + in_flight_rows + rows_per_request > ahead_limit + rows_per_request:
+            # buffered_rows is an estimate (rows evicted as stale are not subtracted), so with
+            # nothing in flight a generator always runs: the learner may be waiting on it
+            ahead = buffered_rows + in_flight_rows
+            if in_flight_rows and ahead + rows_per_request > ahead_limit + rows_per_request:
                 return
             ref = system.generators[i].generate.remote(self._prompt_batch())
             pending[ref] = ("generate", i)

@@ -47,6 +47,9 @@ def test_wrong_type_and_bad_override_name_the_key(tmp_path):
     ("generator.temperature=0", "generator.temperature"),
     ("algorithm.clip_eps=1.5", "algorithm.clip_eps"),
     ("replay.capacity=2", "replay.capacity"),
+    ("replay.priority_alpha=1000", "replay.priority_alpha"),
+    ("replay.sampler=foo", "replay.sampler"),
+    ("replay.offline_fraction=0.5", "replay.offline_fraction"),
 ])
 def test_impossible_combinations_are_rejected(override, key):
     extra = ["learner.num_minibatches=4"] if key == "learner.num_minibatches" else []
@@ -88,3 +91,32 @@ def test_a_key_given_twice_in_a_yaml_file_is_an_error_with_its_line(tmp_path):
     f.write_text("learner:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
     with pytest.raises(ConfigError, match=r"dup.yaml:3: invalid YAML: .*'lr' is given twice"):
         load_config(files=[str(f)])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # a row is drawn at most once a step: 4 uses need 3 versions of staleness
+    (["replay.samples_per_insert=4", "replay.max_times_sampled=4"], r"replay\.max_staleness >= 3"),
+    (["replay.samples_per_insert=2"], r"replay\.max_times_sampled=1 < replay\.samples_per_insert"),
+    (["replay.samples_per_insert=1", "replay.error_buffer=inf"], r"replay\.error_buffer=inf"),
+    (["replay.samples_per_insert=1", "replay.error_buffer=1"], r"replay\.error_buffer=1: must"),
+    (["replay.samples_per_insert=1", "replay.num_shards=100"], r"error_buffer=16 \(the default"),
+    (["replay.samples_per_insert=1", "replay.min_size_to_sample=100000"],
+     r"replay\.min_size_to_sample=100000 exceeds"),
+])
+def test_rate_limit_settings_that_could_never_run_are_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(preset="tiny", overrides=overrides)
+
+
+def test_offline_files_are_read_in_preflight(tmp_path):
+    from rlhf_ray.config import preflight
+    from rlhf_ray.data.prompts import DataError
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    big = tmp_path / "big.JSONL"  # the suffix is matched in any case
+    big.write_text('{"prompt": "p", "response": "r", "reward": 1' + "0" * 400 + "}\n")
+    for path, message in ((empty, "holds no rows"), (big, r"big\.JSONL:1: .*too large")):
+        cfg = load_config(preset="tiny", overrides=[f"replay.offline_files=[{path}]"])
+        with pytest.raises(DataError, match=message):
+            preflight(cfg)

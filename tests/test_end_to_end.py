@@ -76,3 +76,25 @@ def test_tiny_run_with_replay_ratio_2_prioritized_and_durable_buffer(ray_cluster
     import pyarrow.parquet as pq
 
     assert pq.read_table(out).num_rows == rows
+
+
+def test_async_replay_ratio_4_keeps_generating_after_stale_evictions(ray_cluster, tmp_path):
+    """Replay ratio 4 in the async loop: rows evicted as stale must not leave the driver
+    believing the buffer is full (it would stop generating while the learner waits)."""
+    cfg = load_config(preset="tiny", overrides=[
+        f"run.output_dir={tmp_path}", "run.name=r", "run.steps=8",
+        "replay.samples_per_insert=4", "replay.max_times_sampled=4", "replay.max_staleness=3",
+        "replay.sample_timeout_s=60",
+    ])
+    records = read_metrics(train(cfg))
+    assert len(records) == 8
+    assert records[-1]["replay/reuse_ratio"] > 1.0
+
+
+def test_a_run_directory_that_is_not_empty_is_refused(tmp_path):
+    from rlhf_ray.driver import make_run_dir
+
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path}", "run.name=r"])
+    (tmp_path / "r" / "replay").mkdir(parents=True)  # e.g. left by a run that failed at start
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_run_dir(cfg)

@@ -256,7 +256,8 @@ class ReplayClient:
 
         Returns:
             The ``ReplayShard.stats`` keys over the whole buffer (``staleness_max`` is the max)
-            plus ``num_shards``, and with rate limiters ``limiter_inserts``,
+            plus ``num_shards``, ``reuse_ratio`` (rows returned by samples per row inserted),
+            and with rate limiters ``limiter_inserts``,
             ``limiter_samples`` and ``limiter_ratio`` over all shards.
         """
         per_shard = ray.get([s.stats.remote(learner_version) for s in self._shards])
@@ -269,6 +270,7 @@ class ReplayClient:
             (int(st["staleness_max"]) for st in per_shard if st["size"]), default=0
         )
         out["num_shards"] = len(self._shards)
+        out["reuse_ratio"] = out["sampled"] / out["inserted"] if out["inserted"] else 0.0
         if all("limiter_inserts" in st for st in per_shard):
             inserts = sum(st["limiter_inserts"] for st in per_shard)
             samples = sum(st["limiter_samples"] for st in per_shard)

@@ -61,17 +61,27 @@ def offline_uid(path: Path | str, line_no: int) -> str:
     return "offline-" + hashlib.blake2b(key, digest_size=10).hexdigest()
 
 
-def check_offline_files(cfg: Config) -> None:
-    """Every `replay.offline_files` entry is an existing file with a supported suffix."""
+def check_offline_files(cfg: Config, *, contents: bool = True) -> None:
+    """Every `replay.offline_files` entry is an existing file with a supported suffix (any case)
+    and, with `contents`, readable rows: a file that is bad or holds no row is an error here,
+    in the driver, before any actor starts (the files are read again when loaded)."""
     for f in cfg.replay.offline_files:
         path = Path(f).expanduser()
-        if path.suffix not in SUFFIXES:
+        suffix = path.suffix.lower()
+        if suffix not in SUFFIXES:
             raise ConfigError(
                 f"replay.offline_files: {f}: unsupported file type {path.suffix or '(none)'!r} "
                 f"(use {', '.join(SUFFIXES)})"
             )
+        if path.is_dir():
+            raise ConfigError(f"replay.offline_files: {f}: is a directory, not a file")
         if not path.is_file():
             raise ConfigError(f"replay.offline_files: {f}: no such file")
+        if contents:
+            rows = (read_experience_parquet(path).num_rows if suffix == ".parquet"
+                    else len(read_scored_jsonl(path)))
+            if rows == 0:
+                raise DataError(f"{path}: holds no rows (replay.offline_files)")
 
 
 def read_experience_parquet(path: Path | str) -> pa.Table:
@@ -135,9 +145,12 @@ def read_scored_jsonl(path: Path | str) -> list[dict]:
         if reward is not None:
             if isinstance(reward, bool) or not isinstance(reward, (int, float)):
                 raise DataError(f"{where}: field 'reward' is not a number: {reward!r}")
+            try:
+                reward = float(reward)
+            except OverflowError:
+                raise DataError(f"{where}: field 'reward' is too large for a float") from None
             if not math.isfinite(reward):
-                raise DataError(f"{where}: field 'reward' is not finite: {reward!r}")
-            reward = float(reward)
+                raise DataError(f"{where}: field 'reward' is not finite: {obj['reward']!r}")
         records.append({
             "uid": offline_uid(path, line_no), "prompt": obj["prompt"],
             "response": obj["response"], "reward": reward, "where": where,
@@ -167,11 +180,11 @@ def load_offline_rows(cfg: Config, scorer) -> pa.Table:
         ConfigError: a file is missing or of an unsupported type.
         DataError: a file's contents are bad (naming the file, and line and field for JSONL).
     """
-    check_offline_files(cfg)
+    check_offline_files(cfg, contents=False)
     tables = []
     for f in cfg.replay.offline_files:
         path = Path(f).expanduser()
-        if path.suffix == ".parquet":
+        if path.suffix.lower() == ".parquet":
             tables.append(read_experience_parquet(path))
         else:
             records = read_scored_jsonl(path)

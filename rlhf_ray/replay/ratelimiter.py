@@ -62,9 +62,14 @@ class RateLimiter:
     def diff(self) -> float:
         return self.inserts * self.samples_per_insert - self.samples
 
-    def insert_allowance(self) -> int:
-        """How many rows may be inserted now."""
-        room = (self.max_diff - self.diff) / self.samples_per_insert
+    def insert_allowance(self, owed_by_leaving: float = 0.0) -> int:
+        """How many rows may be inserted now.
+
+        Args:
+            owed_by_leaving: samples still expected from rows that are about to leave unsampled
+                (stale, not yet evicted); they count as forfeited already.
+        """
+        room = (self.max_diff - self.diff + owed_by_leaving) / self.samples_per_insert
         return max(0, math.floor(room + 1e-9))
 
     def sample_allowance(self) -> int:

@@ -195,6 +195,7 @@ class ReplayShard:
         if int(snapshot_every) < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
         self._limiter = rate_limiter
+        self._seen_version: int | None = None  # newest learner version seen (not persisted)
         self._remover: Remover = remover if remover is not None else FifoRemover(capacity)
         self._sampler: Sampler = sampler if sampler is not None else UniformSampler(seed)
         self._rule = EligibilityRule(max_staleness, max_times_sampled)
@@ -271,9 +272,15 @@ class ReplayShard:
             self._log(storage.encode_insert(self._ops, table.slice(0, consumed)))
         return consumed, new
 
-    def _apply_insert(self, table: pa.Table) -> tuple[int, int]:
-        """``try_insert`` on a validated, non-empty table, without logging."""
-        allowance = self._limiter.insert_allowance() if self._limiter is not None else None
+    def _apply_insert(self, table: pa.Table, *, admit_all: bool = False) -> tuple[int, int]:
+        """``try_insert`` on a validated, non-empty table, without logging.
+
+        ``admit_all`` (log replay) stores every new row: the log holds only rows that the
+        limiter admitted when they were first inserted.
+        """
+        allowance = None
+        if self._limiter is not None and not admit_all:
+            allowance = self._limiter.insert_allowance(self._owed_by_stale())
 
         # Dedup against stored uids and within the batch (first occurrence wins).
         keep: list[int] = []
@@ -364,6 +371,7 @@ class ReplayShard:
         """
         self._check_writable()
         learner_version = int(learner_version)
+        self._seen_version = max(self._seen_version or 0, learner_version)
         evicted = self._evict_stale(learner_version)
         eligible = np.flatnonzero(
             self._rule.eligible(self._policy_version, self._times_sampled, learner_version)
@@ -385,6 +393,19 @@ class ReplayShard:
         if self._limiter is not None:
             self._limiter.record_sample(int(positions.size))
 
+    def _owed_by_stale(self) -> float:
+        """Samples the limiter still expects from rows already stale at the newest learner
+        version this shard has seen: they are evicted (and forfeited) only at the next sample,
+        but must not hold inserts back meanwhile (the learner may be waiting for those very
+        inserts)."""
+        if self._limiter is None or self._seen_version is None:
+            return 0.0
+        stale = self._rule.stale(self._policy_version, self._seen_version)
+        if not stale.any():
+            return 0.0
+        owed = self._limiter.samples_per_insert - self._times_sampled[stale]
+        return float(np.maximum(owed, 0.0).sum())
+
     def summary(self, learner_version: int) -> dict[str, Any]:
         """What a sample at ``learner_version`` could get now; evicts nothing.
 
@@ -393,13 +414,15 @@ class ReplayShard:
             ``sample_allowance`` and ``insert_allowance`` (the rate limiter's; ``None``
             without one) and ``size``.
         """
+        self._seen_version = max(self._seen_version or 0, int(learner_version))
         mask = self._rule.eligible(self._policy_version, self._times_sampled, learner_version)
         limiter = self._limiter
         return {
             "eligible": int(np.count_nonzero(mask)),
             "mass": float(self._sampler.weights(self._priority[mask]).sum()),
             "sample_allowance": limiter.sample_allowance() if limiter is not None else None,
-            "insert_allowance": limiter.insert_allowance() if limiter is not None else None,
+            "insert_allowance": (limiter.insert_allowance(self._owed_by_stale())
+                                 if limiter is not None else None),
             "size": self.size(),
         }
 
@@ -587,7 +610,7 @@ class ReplayShard:
             table = record.payload
             if table is None or not table.schema.equals(EXPERIENCE_SCHEMA):
                 raise ValueError("insert record without Experience rows")
-            self._apply_insert(table)
+            self._apply_insert(table, admit_all=True)
         elif record.op == "sample":
             self._evict_stale(int(record.learner_version))
             seqs = np.fromiter((self._seq_of_uid[u] for u in record.uids), dtype=np.int64,

@@ -532,8 +532,8 @@ def find_tables(run_dir: str | os.PathLike) -> dict[str, list[Path]]:
     """
     replay = Path(run_dir) / "replay"
     if not replay.is_dir():
-        raise FileNotFoundError(f"no replay buffer in run directory {run_dir}: "
-                                f"{replay} is not a directory")
+        raise FileNotFoundError(f"no replay buffer in {run_dir}: {replay} is not a directory "
+                                "(not a run directory, or a run with replay.durable=false)")
     tables: dict[str, list[Path]] = {}
     for table_dir in sorted(p for p in replay.iterdir() if p.is_dir()):
         shards = []

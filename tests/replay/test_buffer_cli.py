@@ -84,3 +84,18 @@ def test_unknown_table_is_an_error(run_dir, tmp_path, capsys):
     assert main(["buffer", "export", str(run), str(tmp_path / "x.parquet"), "--table", "nope"]) == 2
     err = capsys.readouterr().err
     assert "'nope'" in err and "offline" in err and "online" in err
+
+
+def test_export_refuses_to_overwrite_or_to_write_a_non_parquet_name(run_dir, tmp_path, capsys):
+    run, _ = run_dir
+    config = run / "config.yaml"
+    config.write_text("keep me\n")
+    assert main(["buffer", "export", str(run), str(config)]) == 2
+    assert ".parquet" in capsys.readouterr().err
+    assert config.read_text() == "keep me\n"
+    assert main(["buffer", "export", str(run), str(tmp_path)]) == 2
+    out = tmp_path / "rows.parquet"
+    assert main(["buffer", "export", str(run), str(out)]) == 0
+    assert main(["buffer", "export", str(run), str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["buffer", "export", str(run), str(out), "--force"]) == 0

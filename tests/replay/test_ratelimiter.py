@@ -144,3 +144,15 @@ def test_stalled_sides_time_out_with_a_clear_error(ray_cluster):
     finally:
         for s in shards:
             ray.kill(s)
+
+
+def test_rows_gone_stale_do_not_hold_inserts_back():
+    """Stale rows are evicted (and forfeited) only at the next sample; until then the learner
+    may be waiting for fresh inserts, so the insert allowance already discounts them."""
+    shard = ReplayShard(capacity=100, max_staleness=1, rate_limiter=RateLimiter(2.0, 2, 2))
+    assert shard.try_insert(make_rows(10)) == (3, 3)  # max_diff = 2*2 + 2 = 6: 3 rows
+    assert shard.summary(0)["insert_allowance"] == 0
+    # the learner moved on to version 5: the 3 rows (version 0) can never be sampled
+    assert shard.summary(5)["eligible"] == 0
+    assert shard.summary(5)["insert_allowance"] == 3
+    assert shard.try_insert(make_rows(3, version=5, start=100)) == (3, 3)
