@@ -224,6 +224,12 @@ class RunConfig:
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True
+    max_restarts: int = 3
+    """How often Ray restarts a dead generator or scorer actor (its in-flight request is
+    retried on the restarted actor); the learner is not restarted."""
+    max_failures: int = 3
+    """Requests of one role (generate or score) that may fail in a row before the run stops
+    with an error naming the role; each failed request's prompts count as dropped."""
 
 
 @dataclass
@@ -396,6 +402,7 @@ def validate(cfg: Config) -> None:
         ("model.lora_rank", m.lora_rank),
         ("data.max_prompt_tokens", d.max_prompt_tokens),
         ("run.steps", cfg.run.steps),
+        ("run.max_failures", cfg.run.max_failures),
         ("algorithm.is_cap", a.is_cap),
         ("replay.sample_timeout_s", rep.sample_timeout_s),
         ("model.lora_alpha", m.lora_alpha),
@@ -413,6 +420,7 @@ def validate(cfg: Config) -> None:
         ("learner.weight_decay", lrn.weight_decay),
         ("model.lora_dropout", m.lora_dropout),
         ("run.log_samples_every", cfg.run.log_samples_every),
+        ("run.max_restarts", cfg.run.max_restarts),
         ("generator.num_cpus", g.num_cpus),
         ("scorer.num_cpus", cfg.scorer.num_cpus),
         ("learner.num_cpus", lrn.num_cpus),

@@ -36,7 +36,7 @@ log = logging.getLogger("rlhf_ray")
 # Step metrics that are sums over the generation/scoring work since the last learner step.
 _SUMMED = ("rollout/prompts", "rollout/prompts_truncated", "rollout/prompts_dropped",
            "rollout/samples", "rollout/tokens", "reward/quarantined", "reward/groups_dropped",
-           "perf/generate_s", "perf/score_s", "replay/insert_wait_s")
+           "perf/generate_s", "perf/score_s", "replay/insert_wait_s", "rollout/requests_failed")
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -176,12 +176,16 @@ def build_system(cfg: Config, run_dir: Path | None = None) -> System:
     replay = make_replay_client(cfg, shards)
     offline_shards = start_shards(cfg, "offline", run_dir) if cfg.replay.offline_files else []
     g, s, lr = cfg.generator, cfg.scorer, cfg.learner
+    # a dead generator or scorer is restarted by Ray and its in-flight request retried there:
+    # a generate retry samples the same prompts again, a score retry re-inserts rows that
+    # dedup by uid; a restarted generator pulls the newest weights before its next request
+    restart = {"max_restarts": cfg.run.max_restarts, "max_task_retries": cfg.run.max_restarts}
     generators = [
-        ray.remote(Generator).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus)
+        ray.remote(Generator).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus, **restart)
         .remote(cfg, i, store) for i in range(g.num)
     ]
     scorers = [
-        ray.remote(RewardScorer).options(num_cpus=s.num_cpus, num_gpus=s.num_gpus)
+        ray.remote(RewardScorer).options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, **restart)
         .remote(cfg, i, replay) for i in range(s.num)
     ]
     learner = ray.remote(Learner).options(num_cpus=lr.num_cpus, num_gpus=lr.num_gpus).remote(
@@ -255,6 +259,8 @@ class Trainer:
         self.cursor = PromptCursor(train, seed=cfg.data.seed)
         self.run_dir = run_dir or make_run_dir(cfg)  # only once the inputs are known good
         self._failing_batches = 0
+        self._failures: dict[str, int] = {}  # role -> requests failed in a row
+        self.system: System | None = None
         self.step = 0
         self.samples_scored = 0
 
@@ -275,7 +281,7 @@ class Trainer:
         check_resources(cfg)
         log.info("run directory: %s", run_dir)
         t0 = time.perf_counter()
-        system = build_system(cfg, run_dir)
+        system = self.system = build_system(cfg, run_dir)
         log.info("actors ready in %.1fs", time.perf_counter() - t0)
         sink = MetricsSink(run_dir, tensorboard=cfg.run.tensorboard)
         bar = tqdm(total=cfg.run.steps, desc="train", disable=not cfg.run.progress, unit="step")
@@ -357,15 +363,16 @@ class Trainer:
             if kind == "generate":
                 scorer = system.scorers[next_scorer % len(system.scorers)]
                 next_scorer += 1
-                pending[scorer.score.remote(ref)] = ("score", idx)
+                pending[scorer.score.remote(ref)] = ("score", (idx, ref))
                 idle_generators.add(idx)
             elif kind == "score":
-                report = ray.get(ref)
                 in_flight_rows -= rows_per_request
-                buffered_rows += report.inserted
-                self.samples_scored += report.inserted
-                window.add_report(report, learner_version)
-                self._quarantine_log(report)
+                report = self._report_or_failure(ref, *idx, window)
+                if report is not None:
+                    buffered_rows += report.inserted
+                    self.samples_scored += report.inserted
+                    window.add_report(report, learner_version)
+                    self._quarantine_log(report)
             else:
                 metrics = ray.get(ref)
                 self.step += 1
@@ -403,9 +410,13 @@ class Trainer:
             window = _Window()
             while system.replay.num_servable(version) < online_batch:
                 refs = [g.generate.remote(self._prompt_batch()) for g in system.generators]
-                reports = ray.get([system.scorers[i % len(system.scorers)].score.remote(r)
-                                   for i, r in enumerate(refs)])
+                scored = [system.scorers[i % len(system.scorers)].score.remote(r)
+                          for i, r in enumerate(refs)]
+                reports = [self._report_or_failure(sref, i, gref, window)
+                           for i, (sref, gref) in enumerate(zip(scored, refs))]
                 for report in reports:
+                    if report is None:
+                        continue
                     window.add_report(report, version)
                     self._quarantine_log(report)
                     self.samples_scored += report.inserted
@@ -414,6 +425,36 @@ class Trainer:
             version = int(metrics["weights/version"])
             stats = system.replay.stats(version)
             yield self._log_step(metrics, window.flush(), stats, time.perf_counter() - start)
+
+    def _report_or_failure(self, score_ref, gen_index: int, gen_ref, window: _Window):
+        """The scorer's report, or None when the request failed for good (Ray's restarts and
+        retries exhausted, or the call raised). A failed request's prompts count as dropped;
+        `run.max_failures` failures in a row stop the run with an error naming the role."""
+        import ray
+        from ray.exceptions import RayError
+
+        try:
+            report = ray.get(score_ref)
+        except RayError as e:
+            try:
+                ray.get(gen_ref)
+                role = "scorer"
+            except RayError:
+                role = f"generator {gen_index}"
+            self._failures[role] = self._failures.get(role, 0) + 1
+            prompts = self.cfg.generator.prompts_per_request
+            window.sums["rollout/prompts_dropped"] += prompts
+            window.sums["rollout/requests_failed"] += 1
+            log.warning("%s failed a request (%d in a row); its %d prompts count as dropped: %s",
+                        role, self._failures[role], prompts, str(e).splitlines()[0])
+            if self._failures[role] >= self.cfg.run.max_failures:
+                raise RuntimeError(
+                    f"{role} failed {self._failures[role]} requests in a row "
+                    f"(run.max_failures={self.cfg.run.max_failures}); last error: {e}"
+                ) from e
+            return None
+        self._failures.clear()
+        return report
 
     def _quarantine_log(self, report) -> None:
         """Logs a few quarantined samples per batch, and stops a run whose reward fails on every

@@ -17,6 +17,7 @@ GLOSSARY: dict[str, str] = {
     "rollout/prompts_truncated": "prompts cut to data.max_prompt_tokens (kept the last tokens)",
     "rollout/prompts_dropped": "prompts skipped: empty, or too long with prompt_overflow=drop",
     "rollout/samples": "responses sampled",
+    "rollout/requests_failed": "generate/score requests that failed for good (restarts and retries exhausted); their prompts count as dropped",
     "rollout/tokens": "response tokens sampled",
     "rollout/kl_ref": "mean per-sequence sum of (behavior - ref) log-probs of new samples",
     "rollout/response_len_mean": "mean response length in tokens",

@@ -77,6 +77,12 @@ class Generator:
         self.backend.load_adapter(state, version)
         return version
 
+    def pid(self) -> int:
+        """The actor's process id (for operations and fault tests)."""
+        import os
+
+        return os.getpid()
+
     def version(self) -> int:
         return self.backend.version
 

@@ -91,6 +91,12 @@ class RewardScorer:
             result.update({i: float(a) for i, a in zip(members, adv.tolist())})
         return result, dropped
 
+    def pid(self) -> int:
+        """The actor's process id (for operations and fault tests)."""
+        import os
+
+        return os.getpid()
+
     def score(self, batch: RolloutBatch, return_table: bool = False):
         from rlhf_ray.models.forward import batched_logprobs
 
