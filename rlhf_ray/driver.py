@@ -9,6 +9,11 @@ batches of new rows (counting rows buffered and rows in flight; with a replay ra
 are not generated only to go stale. With `replay.samples_per_insert` set, the shards' rate
 limiters also hold back inserts that run ahead of the learner's sampling.
 
+Faults: generators and scorers are restarted by Ray with their in-flight request retried
+(`run.max_restarts`); a request that fails for good counts its prompts as dropped, and
+`run.max_failures` such failures of one role in a row stop the run with an error naming it. The
+learner is not restarted, and a run cannot be resumed yet.
+
 `--sync` (`run.sync=true`) instead alternates strictly: generate and score rounds until the
 buffer can serve a full batch, then one learner step. With a replay ratio k (via
 `replay.max_times_sampled` / `replay.samples_per_insert`) the buffer serves k batches per
