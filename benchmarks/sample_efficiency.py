@@ -2,9 +2,10 @@
 
 Every arm trains the same number of learner steps (the preset's `run.steps`) on batches of the
 same size; what changes is how many new samples each step gets. With replay ratio k
-(`replay.samples_per_insert=k`, `replay.max_times_sampled=k`, `replay.max_staleness=k`) the
-rate limiter lets each generated row be trained on k times, so the run generates about 1/k of
-the on-policy run's samples. After training, `rlhf-ray eval` scores the adapter on the held-out
+(`replay.samples_per_insert=k`, `replay.max_times_sampled=k`, `replay.max_staleness=k+1`) the
+rate limiter lets each generated row be trained on up to k times, so the run generates about
+1/k of the on-policy run's samples (more when rows go stale before their k uses: a row gets
+k+2 policy versions to be drawn k times). After training, `rlhf-ray eval` scores the adapter on the held-out
 prompts (reward with a 95% CI and the KL to the reference, in nats per response).
 
     python benchmarks/sample_efficiency.py                      # default task, all arms
@@ -30,13 +31,13 @@ from pathlib import Path
 ARMS: dict[str, list[str]] = {
     "r1": [],
     "r2-uniform": ["replay.samples_per_insert=2", "replay.max_times_sampled=2",
-                   "replay.max_staleness=2"],
+                   "replay.max_staleness=3"],
     "r4-uniform": ["replay.samples_per_insert=4", "replay.max_times_sampled=4",
-                   "replay.max_staleness=4"],
+                   "replay.max_staleness=5"],
     "r2-prioritized": ["replay.samples_per_insert=2", "replay.max_times_sampled=2",
-                       "replay.max_staleness=2", "replay.sampler=prioritized"],
+                       "replay.max_staleness=3", "replay.sampler=prioritized"],
     "r4-prioritized": ["replay.samples_per_insert=4", "replay.max_times_sampled=4",
-                       "replay.max_staleness=4", "replay.sampler=prioritized"],
+                       "replay.max_staleness=5", "replay.sampler=prioritized"],
 }
 
 

@@ -348,10 +348,7 @@ class Trainer:
 
         def maybe_generate(i: int) -> None:
             nonlocal in_flight_rows
-            # buffered_rows is an estimate (rows evicted as stale are not subtracted), so with
-            # nothing in flight a generator always runs: the learner may be waiting on it
-            ahead = buffered_rows + in_flight_rows
-            if in_flight_rows and ahead + rows_per_request > ahead_limit + rows_per_request:
+            if buffered_rows + in_flight_rows > ahead_limit:
                 return
             ref = system.generators[i].generate.remote(self._prompt_batch())
             pending[ref] = ("generate", i)
@@ -385,6 +382,10 @@ class Trainer:
                 buffered_rows = max(0.0, buffered_rows - new_per_step)
                 now = time.perf_counter()
                 stats = system.replay.stats(learner_version)
+                # rows that went stale unused leave the buffer without being counted above;
+                # the buffer's own count corrects the estimate downwards (else the driver
+                # could wait for a learner that waits for it)
+                buffered_rows = min(buffered_rows, float(stats["eligible"]))
                 yield self._log_step(metrics, window.flush(), stats, now - last_step_t)
                 last_step_t = now
                 if self.step < cfg.run.steps:
