@@ -38,6 +38,10 @@ ARMS: dict[str, list[str]] = {
                        "replay.max_staleness=3", "replay.sampler=prioritized"],
     "r4-prioritized": ["replay.samples_per_insert=4", "replay.max_times_sampled=4",
                        "replay.max_staleness=5", "replay.sampler=prioritized"],
+    "r2-fifo": ["replay.samples_per_insert=2", "replay.max_times_sampled=2",
+                "replay.max_staleness=3", "replay.sampler=fifo"],
+    "r4-fifo": ["replay.samples_per_insert=4", "replay.max_times_sampled=4",
+                "replay.max_staleness=5", "replay.sampler=fifo"],
 }
 
 

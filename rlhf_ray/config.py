@@ -112,7 +112,8 @@ class ReplayConfig:
     sample_timeout_s: float = 600.0
     """A learner waiting longer than this for enough eligible rows stops the run with an error."""
     sampler: str = "uniform"
-    """uniform | prioritized (P(i) proportional to priority^alpha, importance-weighted loss)."""
+    """uniform | fifo (oldest eligible rows first: with a replay ratio, each row is used before
+    it goes stale) | prioritized (P(i) proportional to priority^alpha, importance-weighted)."""
     priority_alpha: float = 0.6
     """Priority exponent of the prioritized sampler (0 = uniform)."""
     priority_beta: float = 0.4
@@ -477,7 +478,7 @@ def validate(cfg: Config) -> None:
             "algorithm.kl_estimator='k2' with kl_mode='reward': k2 is not an unbiased per-token "
             "reward penalty; use k1 (or k3) for reward shaping"
         )
-    _choice("replay.sampler", rep.sampler, ("uniform", "prioritized"))
+    _choice("replay.sampler", rep.sampler, ("uniform", "fifo", "prioritized"))
     for key, value in [("replay.priority_alpha", rep.priority_alpha),
                        ("replay.priority_beta", rep.priority_beta)]:
         _positive(key, value, allow_zero=True)

@@ -101,8 +101,9 @@ class ReplayClient:
         shard_handles: the shard actors, in shard order (from ``make_shard_actors``). Every
             client of one buffer must list them in the same order.
         seed: seed for splitting samples across shards.
-        sampler: ``uniform`` or ``prioritized``: how samples split across shards; must match
-            the shards' samplers.
+        sampler: ``uniform``, ``fifo`` or ``prioritized``: how samples split across shards;
+            must match the shards' samplers. ``fifo`` splits like ``uniform`` (each shard then
+            gives its oldest rows), so the buffer-wide order is FIFO only approximately.
         alpha, min_priority: the prioritized sampler's weight ``max(p, min_priority) ** alpha``
             (to compute each row's probability from its ``priority``).
         insert_timeout_s: how long ``insert`` waits for rate-limiter allowance.
@@ -114,8 +115,9 @@ class ReplayClient:
                  insert_timeout_s: float = 600.0, poll_s: float = 0.05) -> None:
         if not shard_handles:
             raise ValueError("ReplayClient needs at least one shard handle")
-        if sampler not in ("uniform", "prioritized"):
-            raise ValueError(f"unknown sampler {sampler!r}: expected 'uniform' or 'prioritized'")
+        if sampler not in ("uniform", "fifo", "prioritized"):
+            raise ValueError(
+                f"unknown sampler {sampler!r}: expected 'uniform', 'fifo' or 'prioritized'")
         self._shards = list(shard_handles)
         self._rng = np.random.default_rng(seed)
         self.sampler = sampler
@@ -207,7 +209,7 @@ class ReplayClient:
         if want == 0:
             empty = np.empty(0, dtype=np.float64)
             return SampledBatch(EXPERIENCE_SCHEMA.empty_table(), empty, empty, eligible)
-        if self.sampler == "uniform":
+        if self.sampler != "prioritized":
             if want == servable.sum():
                 allocation = servable
             else:
@@ -221,7 +223,7 @@ class ReplayClient:
             if k > 0
         ]
         table = pa.concat_tables(ray.get(futures))
-        if self.sampler == "uniform":
+        if self.sampler != "prioritized":
             probs = np.full(table.num_rows, 1.0 / max(eligible, 1))
             weights = np.ones(table.num_rows)
         else:

@@ -4,6 +4,9 @@ A sampler sees only row positions and their priorities, never the Arrow data, so
 swap strategies without touching storage.
 
 * ``UniformSampler`` draws without replacement, each eligible row equally likely.
+* ``FifoSampler`` returns the oldest eligible rows (Reverb's FIFO selector). With a replay
+  ratio k and rows that may be drawn k times, every row is used in its first k chances, before
+  it can go stale, so no generated sample is wasted; its importance weights are all 1.
 * ``PrioritizedSampler`` draws row i with probability ``P(i) = w_i / sum_j w_j`` where
   ``w_i = max(priority_i, min_priority) ** alpha`` (Schaul et al., prioritized experience
   replay, proportional variant). A batch of k rows is k such draws without replacement
@@ -112,6 +115,34 @@ class UniformSampler:
         self._rng.bit_generator.state = state["rng"]
 
 
+class FifoSampler:
+    """The ``n`` eligible rows inserted first; deterministic, no random state."""
+
+    def sample(
+        self, candidates: np.ndarray | int, n: int, priorities: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The first ``min(n, len(candidates))`` candidates in insertion order.
+
+        Args:
+            candidates: eligible positions (ascending positions are insertion order), or their
+                count.
+            n: rows wanted.
+            priorities: ignored.
+        """
+        positions = np.sort(_as_positions(candidates))
+        return positions[: min(max(int(n), 0), positions.size)]
+
+    def weights(self, priorities: np.ndarray) -> np.ndarray:
+        """Every row weighs 1."""
+        return np.ones(np.shape(priorities), dtype=np.float64)
+
+    def state_dict(self) -> dict:
+        return {"kind": "fifo"}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class PrioritizedSampler:
     """Proportional prioritized sampling without replacement within a batch.
 
@@ -206,9 +237,11 @@ def annealed_beta(beta0: float, step: int, total_steps: int) -> float:
 
 def make_sampler(kind: str, *, alpha: float = 0.6, min_priority: float = 1e-3,
                  seed: int | None = 0) -> Sampler:
-    """``uniform`` or ``prioritized``."""
+    """``uniform``, ``fifo`` or ``prioritized``."""
     if kind == "uniform":
         return UniformSampler(seed)
+    if kind == "fifo":
+        return FifoSampler()
     if kind == "prioritized":
         return PrioritizedSampler(alpha=alpha, min_priority=min_priority, seed=seed)
-    raise ValueError(f"unknown sampler {kind!r}: expected 'uniform' or 'prioritized'")
+    raise ValueError(f"unknown sampler {kind!r}: expected 'uniform', 'fifo' or 'prioritized'")

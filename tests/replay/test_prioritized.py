@@ -125,3 +125,21 @@ def test_client_across_shards_probabilities_and_weights(ray_cluster):
     finally:
         for s in shards:
             ray.kill(s)
+
+
+def test_fifo_sampler_returns_the_oldest_eligible_rows_and_survives_recovery(tmp_path):
+    from rlhf_ray.replay.samplers import FifoSampler
+
+    shard = ReplayShard(capacity=100, max_times_sampled=2, sampler=FifoSampler(),
+                        directory=str(tmp_path / "s"))
+    rows = make_rows(6)
+    shard.insert(rows)
+    uids = rows.column("uid").to_pylist()
+    assert shard.sample(4, 0).column("uid").to_pylist() == uids[:4]
+    assert shard.sample(4, 0).column("uid").to_pylist() == uids[:4]  # second (last) use
+    assert shard.sample(4, 0).column("uid").to_pylist() == uids[4:]
+    shard.close()
+    again = ReplayShard(capacity=100, max_times_sampled=2, sampler=FifoSampler(),
+                        directory=str(tmp_path / "s"))
+    assert again.sample(4, 0).column("uid").to_pylist() == uids[4:]  # their second use
+    assert again.sample(4, 0).num_rows == 0
