@@ -336,8 +336,15 @@ class Trainer:
         # new rows one learner step consumes: the online share of a batch over the replay ratio
         online_batch = batch - (min(round(batch * cfg.replay.offline_fraction), batch - 1)
                                 if cfg.replay.offline_files else 0)
-        new_per_step = online_batch / (cfg.replay.samples_per_insert or 1.0)
-        ahead_limit = max(new_per_step * (1 + cfg.replay.max_staleness), batch)
+        spi = cfg.replay.samples_per_insert or 1.0
+        new_per_step = online_batch / spi
+        if spi <= 1:
+            ahead_limit = max(new_per_step * (1 + cfg.replay.max_staleness), batch)
+        else:
+            # with reuse, a row waits ahead/new_per_step steps, then needs ceil(spi) more
+            # versions for its uses; more look-ahead would let rows go stale before them
+            room = cfg.replay.max_staleness + 1 - math.ceil(spi)
+            ahead_limit = new_per_step * max(1, room)
         pending: dict = {}  # ObjectRef -> (kind, index)
         in_flight_rows = 0
         buffered_rows = 0  # inserted but not yet consumed by the learner
@@ -349,7 +356,11 @@ class Trainer:
         def maybe_generate(i: int) -> None:
             nonlocal in_flight_rows
             if buffered_rows + in_flight_rows > ahead_limit:
-                return
+                # over the look-ahead, except when nothing is in flight and the buffer cannot
+                # serve the learner a batch (e.g. a rate limiter's per-shard minimum size not
+                # reached): then the learner waits for this generator, so it must run
+                if in_flight_rows or system.replay.num_servable(learner_version) >= online_batch:
+                    return
             ref = system.generators[i].generate.remote(self._prompt_batch())
             pending[ref] = ("generate", i)
             in_flight_rows += rows_per_request

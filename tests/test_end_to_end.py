@@ -63,6 +63,8 @@ def test_tiny_run_with_replay_ratio_2_prioritized_and_durable_buffer(ray_cluster
     assert batch * steps / 2 <= generated <= batch * steps / 2 + 3 * 8
     last = records[-1]
     assert 1.0 < last["replay/limiter_ratio"] <= 2.0
+    # rows are drawn about twice each, not left to go stale (the look-ahead fits the staleness)
+    assert last["replay/reuse_ratio"] >= 1.5
     assert all(0 < r["replay/effective_sample_size"] <= 1 for r in records)
     assert records[-1]["replay/priority_beta"] > records[0]["replay/priority_beta"]
     assert max(r["replay/batch_times_sampled_mean"] for r in records) > 1.0  # rows reused
