@@ -406,11 +406,16 @@ def validate(cfg: Config) -> None:
         ("run.max_failures", cfg.run.max_failures),
         ("algorithm.is_cap", a.is_cap),
         ("replay.sample_timeout_s", rep.sample_timeout_s),
+        ("replay.insert_timeout_s", rep.insert_timeout_s),
+        ("replay.snapshot_every", rep.snapshot_every),
+        ("replay.min_priority", rep.min_priority),
         ("model.lora_alpha", m.lora_alpha),
     ]:
         _positive(key, value)
     for key, value in [
         ("replay.max_staleness", rep.max_staleness),
+        ("replay.priority_alpha", rep.priority_alpha),
+        ("replay.priority_beta", rep.priority_beta),
         ("algorithm.kl_coef", a.kl_coef),
         ("algorithm.entropy_coef", a.entropy_coef),
         ("learner.max_grad_norm", lrn.max_grad_norm),
@@ -479,12 +484,6 @@ def validate(cfg: Config) -> None:
             "reward penalty; use k1 (or k3) for reward shaping"
         )
     _choice("replay.sampler", rep.sampler, ("uniform", "fifo", "prioritized"))
-    for key, value in [("replay.priority_alpha", rep.priority_alpha),
-                       ("replay.priority_beta", rep.priority_beta)]:
-        _positive(key, value, allow_zero=True)
-    _positive("replay.min_priority", rep.min_priority)
-    _positive("replay.insert_timeout_s", rep.insert_timeout_s)
-    _positive("replay.snapshot_every", rep.snapshot_every)
     if rep.priority_beta > 1:
         raise ConfigError(f"replay.priority_beta={rep.priority_beta}: must be in [0, 1]")
     # weights max(p, min_priority)^alpha stay representable in float64 within these bounds
@@ -537,6 +536,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "generator.backend='vllm': the vLLM backend is not implemented yet; use 'hf'"
         )
+
+
+def batch_split(cfg: Config) -> tuple[int, int]:
+    """``(online, offline)`` rows of one learner batch: ``replay.offline_fraction`` of it from
+    the offline table when one is configured, at least one row from the online table."""
+    n = cfg.learner.batch_size
+    offline = min(round(n * cfg.replay.offline_fraction), n - 1) if cfg.replay.offline_files else 0
+    return n - offline, offline
 
 
 def replay_min_size(cfg: Config) -> int:

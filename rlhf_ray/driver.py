@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhf_ray.config import Config
+from rlhf_ray.config import Config, batch_split
 from rlhf_ray.types import PromptBatch
 
 log = logging.getLogger("rlhf_ray")
@@ -334,8 +334,7 @@ class Trainer:
         batch = cfg.learner.batch_size
         rows_per_request = cfg.generator.prompts_per_request * cfg.generator.n_samples
         # new rows one learner step consumes: the online share of a batch over the replay ratio
-        online_batch = batch - (min(round(batch * cfg.replay.offline_fraction), batch - 1)
-                                if cfg.replay.offline_files else 0)
+        online_batch = batch_split(cfg)[0]
         spi = cfg.replay.samples_per_insert or 1.0
         new_per_step = online_batch / spi
         if spi <= 1:
@@ -417,10 +416,7 @@ class Trainer:
         import ray
 
         cfg = self.cfg
-        rep = cfg.replay
-        online_batch = cfg.learner.batch_size - (
-            min(round(cfg.learner.batch_size * rep.offline_fraction), cfg.learner.batch_size - 1)
-            if rep.offline_files else 0)
+        online_batch = batch_split(cfg)[0]
         version = 0
         while self.step < cfg.run.steps:
             start = time.perf_counter()

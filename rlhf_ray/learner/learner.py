@@ -64,15 +64,15 @@ class Learner:
         import numpy as np
         import pyarrow as pa
 
+        from rlhf_ray.config import batch_split
         from rlhf_ray.replay.samplers import annealed_beta
         from rlhf_ray.weights.store import publish, state_nbytes
 
         cfg = self.cfg
-        n = cfg.learner.batch_size
-        n_off = min(round(n * cfg.replay.offline_fraction), n - 1) if self.offline else 0
+        n_on, n_off = batch_split(cfg)
         beta = annealed_beta(cfg.replay.priority_beta, self.trainer.version, cfg.run.steps)
         start = time.perf_counter()
-        parts = [self._draw(self.replay, n - n_off, beta)]
+        parts = [self._draw(self.replay, n_on, beta)]
         if n_off:
             parts.append(self._draw(self.offline, n_off, beta))
         wait_s = time.perf_counter() - start
@@ -92,7 +92,7 @@ class Learner:
         online = parts[0]
         metrics["replay/sample_wait_s"] = wait_s
         metrics["replay/effective_sample_size"] = online.effective_sample_size
-        metrics["replay/is_weight_mean"] = float(online.weights.mean()) if n - n_off else 1.0
+        metrics["replay/is_weight_mean"] = float(online.weights.mean()) if n_on else 1.0
         metrics["replay/priority_beta"] = beta
         metrics["replay/batch_times_sampled_mean"] = float(
             np.mean(online.table.column("times_sampled").to_numpy()))
