@@ -42,6 +42,12 @@ ARMS: dict[str, list[str]] = {
                 "replay.max_staleness=3", "replay.sampler=fifo"],
     "r4-fifo": ["replay.samples_per_insert=4", "replay.max_times_sampled=4",
                 "replay.max_staleness=5", "replay.sampler=fifo"],
+    # Replay at a stronger KL penalty (the preset's kl_coef is 0.05): where on the reward/KL
+    # frontier ratio 2 lands when its KL is held down.
+    "r2-uniform-kl0.07": ["replay.samples_per_insert=2", "replay.max_times_sampled=2",
+                          "replay.max_staleness=3", "algorithm.kl_coef=0.07"],
+    "r2-uniform-kl0.1": ["replay.samples_per_insert=2", "replay.max_times_sampled=2",
+                         "replay.max_staleness=3", "algorithm.kl_coef=0.1"],
 }
 
 

@@ -1,6 +1,7 @@
 """`rlhf-ray`: the command line.
 
     rlhf-ray train [--preset NAME] [--config FILE ...] [--sync] [--address ADDR] [key=value ...]
+    rlhf-ray train --resume RUN_DIR [key=value ...]
     rlhf-ray eval RUN_DIR [--samples N] [--temperature T] [--top-p P] [--top-k K] [--limit N]
     rlhf-ray models [--prepare NAME]
     rlhf-ray presets
@@ -24,8 +25,17 @@ def _train(args) -> int:
         overrides.append("run.sync=true")
     if args.address:
         overrides.append(f"run.ray_address={args.address}")
-    cfg = load_config(preset=args.preset, files=args.config or [], overrides=overrides)
-    run_dir = train(cfg)
+    if args.resume:
+        # the run's own config, with the overrides on top (e.g. more run.steps)
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: not a run directory (no "
+                                    "config.yaml)")
+        cfg = load_config(files=[str(saved), *(args.config or [])], overrides=overrides)
+        run_dir = train(cfg, Path(args.resume), resume=True)
+    else:
+        cfg = load_config(preset=args.preset, files=args.config or [], overrides=overrides)
+        run_dir = train(cfg)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -173,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", help="YAML config file (repeatable)")
     p.add_argument("--sync", action="store_true", help="generate, score, train strictly in turn")
     p.add_argument("--address", help="Ray cluster address (`auto` for `ray start --head`)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue this run from its newest checkpoint, with its config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4")
     p.set_defaults(func=_train)
 

@@ -98,6 +98,12 @@ class ScorerConfig:
     or `model:PATH` for an HF sequence-classification reward model."""
     reward_batch_size: int = 32
     """Rows per reference/reward-model forward pass."""
+    reward_timeout_s: float = 30.0
+    """Seconds one reward-function call may take; a call that takes longer quarantines its sample
+    ('timed out'). 0 disables the limit. Reward models (`model:PATH`) run without one."""
+    max_hung_rewards: int = 4
+    """Reward calls still running after their timeout that the scorer tolerates; beyond that it
+    raises, naming the reward."""
 
 
 @dataclass
@@ -227,10 +233,22 @@ class RunConfig:
     progress: bool = True
     max_restarts: int = 3
     """How often Ray restarts a dead generator or scorer actor (its in-flight request is
-    retried on the restarted actor); the learner is not restarted."""
+    retried on the restarted actor); a dead learner is replaced from the last checkpoint
+    instead (run.max_learner_restarts)."""
     max_failures: int = 3
     """Requests of one role (generate or score) that may fail in a row before the run stops
     with an error naming the role; each failed request's prompts count as dropped."""
+    checkpoint_every: int = 10
+    """Write a run checkpoint (learner state, buffer, driver state) every N learner steps; 0:
+    only the final one. The asynchronous loop drains its in-flight requests first."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in RUN_DIR/checkpoints (the newest ones)."""
+    max_learner_restarts: int = 3
+    """A learner that dies is replaced and the run continues from the last checkpoint, at
+    most this many times; then the run stops with an error naming the learner."""
+    watchdog_timeout_s: float = 600.0
+    """A role with work in flight and no progress for this long is reported as stalled (log
+    and `health/` metrics); 0 disables the watchdog."""
 
 
 @dataclass
@@ -404,6 +422,7 @@ def validate(cfg: Config) -> None:
         ("data.max_prompt_tokens", d.max_prompt_tokens),
         ("run.steps", cfg.run.steps),
         ("run.max_failures", cfg.run.max_failures),
+        ("run.keep_checkpoints", cfg.run.keep_checkpoints),
         ("algorithm.is_cap", a.is_cap),
         ("replay.sample_timeout_s", rep.sample_timeout_s),
         ("replay.insert_timeout_s", rep.insert_timeout_s),
@@ -427,8 +446,13 @@ def validate(cfg: Config) -> None:
         ("model.lora_dropout", m.lora_dropout),
         ("run.log_samples_every", cfg.run.log_samples_every),
         ("run.max_restarts", cfg.run.max_restarts),
+        ("run.checkpoint_every", cfg.run.checkpoint_every),
+        ("run.max_learner_restarts", cfg.run.max_learner_restarts),
+        ("run.watchdog_timeout_s", cfg.run.watchdog_timeout_s),
         ("generator.num_cpus", g.num_cpus),
         ("scorer.num_cpus", cfg.scorer.num_cpus),
+        ("scorer.reward_timeout_s", cfg.scorer.reward_timeout_s),
+        ("scorer.max_hung_rewards", cfg.scorer.max_hung_rewards),
         ("learner.num_cpus", lrn.num_cpus),
         ("algorithm.vf_coef", a.vf_coef),
     ]:

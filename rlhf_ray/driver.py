@@ -11,8 +11,12 @@ limiters also hold back inserts that run ahead of the learner's sampling.
 
 Faults: generators and scorers are restarted by Ray with their in-flight request retried
 (`run.max_restarts`); a request that fails for good counts its prompts as dropped, and
-`run.max_failures` such failures of one role in a row stop the run with an error naming it. The
-learner is not restarted, and a run cannot be resumed yet.
+`run.max_failures` such failures of one role in a row stop the run with an error naming it. A
+learner that dies is replaced: every actor is rebuilt from the last checkpoint
+(`run.checkpoint_every`, see `rlhf_ray/checkpoint.py`), at most `run.max_learner_restarts`
+times. `Trainer(..., resume=True)` (`rlhf-ray train --resume RUN_DIR`) does the same for a run
+whose driver was killed. A watchdog reports roles with a call in flight for longer than
+`run.watchdog_timeout_s` (log and `health/` metrics); it does not cancel them.
 
 `--sync` (`run.sync=true`) instead alternates strictly: generate and score rounds until the
 buffer can serve a full batch, then one learner step. With a replay ratio k (via
@@ -22,6 +26,7 @@ generated batch, so generation runs on every k-th step.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -41,7 +46,8 @@ log = logging.getLogger("rlhf_ray")
 # Step metrics that are sums over the generation/scoring work since the last learner step.
 _SUMMED = ("rollout/prompts", "rollout/prompts_truncated", "rollout/prompts_dropped",
            "rollout/samples", "rollout/tokens", "reward/quarantined", "reward/groups_dropped",
-           "perf/generate_s", "perf/score_s", "replay/insert_wait_s", "rollout/requests_failed")
+           "perf/generate_s", "perf/score_s", "replay/insert_wait_s", "rollout/requests_failed",
+           "reward/samples_group_dropped")
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -251,10 +257,28 @@ class _Window:
         return out
 
 
-class Trainer:
-    """Runs one training job: the actors, the loop, the metrics and the final adapter."""
+class LearnerDied(RuntimeError):
+    """The learner actor died; the run continues from its last checkpoint."""
 
-    def __init__(self, cfg: Config, run_dir: Path | None = None):
+
+# roles are named like this in errors, logs and the watchdog
+def _role(kind: str, idx) -> str:
+    if kind == "generate":
+        return f"generator {idx}"
+    if kind == "score":
+        return f"scorer {idx[2]}"
+    return "learner"
+
+
+class Trainer:
+    """Runs one training job: the actors, the loop, checkpoints, metrics and the final adapter.
+
+    ``resume=True`` continues the run in ``run_dir`` from its newest checkpoint (see
+    ``rlhf_ray/checkpoint.py``): a run killed before its first checkpoint starts again from the
+    beginning, with what its buffer held set aside.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None, *, resume: bool = False):
         from rlhf_ray.config import preflight
         from rlhf_ray.data.prompts import PromptCursor, load_prompts, split_prompts
 
@@ -262,22 +286,121 @@ class Trainer:
         preflight(cfg)
         train, _held_out = split_prompts(load_prompts(cfg.data), cfg.data.eval_fraction)
         self.cursor = PromptCursor(train, seed=cfg.data.seed)
-        self.run_dir = run_dir or make_run_dir(cfg)  # only once the inputs are known good
-        self._failing_batches = 0
-        self._failures: dict[str, int] = {}  # role -> requests failed in a row
+        self.resume = resume
+        if resume:
+            if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+                raise FileNotFoundError(f"cannot resume {run_dir}: not a run directory "
+                                        "(no config.yaml)")
+            self.run_dir = Path(run_dir)
+        else:
+            self.run_dir = run_dir or make_run_dir(cfg)  # only once the inputs are known good
         self.system: System | None = None
         self.step = 0
         self.samples_scored = 0
+        self._failing_batches = 0
+        self._failures: dict[str, int] = {}  # role -> requests failed in a row
+        self._requests = [0] * cfg.generator.num  # requests issued per generator
+        # where every prompt and sample went (see accounting())
+        self.counts: dict[str, float] = defaultdict(float)
+        self._elapsed_before = 0.0  # loop seconds of earlier processes of a resumed run
+        self._fresh = self.driver_state()
+        self.learner_restarts = 0
+        self.set_aside: dict[str, int] = defaultdict(int)
+        self.stall_events = 0
+        self._stalled: dict[str, float] = {}  # role -> when it was reported stalled
+        self._activity: dict[str, tuple[float, str]] = {}  # role -> (time, what it last did)
 
-    def _prompt_batch(self) -> PromptBatch:
+    # -- driver state (part of every checkpoint) ----------------------------------------------
+    def driver_state(self) -> dict:
+        return {
+            "step": self.step,
+            "cursor": self.cursor.state_dict(),
+            "requests": list(self._requests),
+            "samples_scored": self.samples_scored,
+            "failing_batches": self._failing_batches,
+            "failures": dict(self._failures),
+            "counts": dict(self.counts),
+            "elapsed_s": self._elapsed(),
+        }
+
+    def load_driver_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.cursor.load_state_dict(state["cursor"])
+        requests = list(state["requests"])
+        # a resumed run may have more generators than before; new ones start at 0
+        self._requests = (requests + [0] * self.cfg.generator.num)[: self.cfg.generator.num]
+        self.samples_scored = int(state["samples_scored"])
+        self._failing_batches = int(state["failing_batches"])
+        self._failures = dict(state["failures"])
+        self.counts = defaultdict(float, state["counts"])
+        self._elapsed_before = float(state["elapsed_s"])
+
+    def _elapsed(self) -> float:
+        t_loop = getattr(self, "_t_loop", None)
+        return self._elapsed_before + (time.perf_counter() - t_loop if t_loop else 0.0)
+
+    def _prompt_batch(self, generator: int) -> PromptBatch:
         g = self.cfg.generator
-        return PromptBatch(self.cursor.take(g.prompts_per_request), n_samples=g.n_samples)
+        prompts = self.cursor.take(g.prompts_per_request)
+        self.counts["prompts_taken"] += len(prompts)
+        batch = PromptBatch(prompts, n_samples=g.n_samples, request_idx=self._requests[generator])
+        self._requests[generator] += 1
+        return batch
 
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.run.checkpoint_every
+        return bool(every) and self.step % every == 0 and self.step < self.cfg.run.steps
+
+    def _checkpoint(self, system: System) -> Path:
+        """Writes the checkpoint of the current step; nothing may be in flight."""
+        import ray
+
+        from rlhf_ray import checkpoint
+
+        t0 = time.perf_counter()
+        keep = self.cfg.run.keep_checkpoints
+        tmp = checkpoint.begin(self.run_dir, self.step)
+        tags = checkpoint.shard_tags_to_keep(self.run_dir, keep)
+        saves = [s.checkpoint.remote(checkpoint.tag(self.step), tags)
+                 for s in [*system.shards, *system.offline_shards] if self.cfg.replay.durable]
+        self._learn_result(system.learner.save.remote(str(tmp / "learner")))
+        ray.get(saves)
+        final = checkpoint.commit(self.run_dir, self.step, tmp, self.driver_state(), keep)
+        log.info("checkpoint %s in %.1fs", final.name, time.perf_counter() - t0)
+        return final
+
+    def _restore(self) -> System:
+        """Builds the actors from the newest checkpoint (or from the start without one)."""
+        import ray
+
+        from rlhf_ray import checkpoint
+
+        found = checkpoint.latest(self.run_dir)
+        step = found[0] if found else None
+        if found is not None:
+            self.load_driver_state(checkpoint.read_driver_state(found[1]))
+        else:
+            self.load_driver_state(self._fresh)
+        for table, rows in checkpoint.restore_replay(self.run_dir, step).items():
+            self.set_aside[table] += rows
+            if rows:
+                log.warning("replay table %s: %d rows inserted after the checkpoint are set "
+                            "aside (RUN_DIR/replay/%s/shard-*/set-aside/)", table, rows, table)
+        dropped = checkpoint.truncate_metrics(self.run_dir, self.step)
+        system = build_system(self.cfg, self.run_dir)
+        if found is not None:
+            ray.get(system.learner.load.remote(str(found[1] / "learner")))
+        log.info("continuing from %s (%d metric rows after it are redone)",
+                 found[1].name if found else "the start (no checkpoint yet)", dropped)
+        return system
+
+    # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
         import ray
         from tqdm import tqdm
 
-        from rlhf_ray.metrics import MetricsSink, plot_curves
+        from rlhf_ray.metrics import MetricsSink
 
         cfg, run_dir = self.cfg, self.run_dir
         setup_logging(run_dir)
@@ -286,22 +409,35 @@ class Trainer:
         check_resources(cfg)
         log.info("run directory: %s", run_dir)
         t0 = time.perf_counter()
-        system = self.system = build_system(cfg, run_dir)
+        system = self.system = self._restore() if self.resume else build_system(cfg, run_dir)
         log.info("actors ready in %.1fs", time.perf_counter() - t0)
         sink = MetricsSink(run_dir, tensorboard=cfg.run.tensorboard)
-        bar = tqdm(total=cfg.run.steps, desc="train", disable=not cfg.run.progress, unit="step")
+        bar = tqdm(total=cfg.run.steps, initial=self.step, desc="train", unit="step",
+                   disable=not cfg.run.progress)
         self._t_loop = time.perf_counter()
         try:
-            loop = self._sync_loop if cfg.run.sync else self._async_loop
-            reward = float("nan")
-            for step_metrics in loop(system):
-                sink.write(self.step, step_metrics)
-                # a step may see no newly scored batch; the bar keeps the last reward then
-                reward = step_metrics.get("reward/mean", reward)
-                bar.update(1)
-                bar.set_postfix(reward=f"{reward:.3f}",
-                                kl=f"{step_metrics.get('policy/kl_ref', 0.0):.3f}")
-            ray.get(system.learner.save.remote(str(run_dir / "checkpoint")))
+            while True:
+                loop = self._sync_loop if cfg.run.sync else self._async_loop
+                reward = float("nan")
+                try:
+                    for step_metrics in loop(system):
+                        sink.write(self.step, step_metrics)
+                        # a step may see no newly scored batch; the bar keeps the last reward
+                        reward = step_metrics.get("reward/mean", reward)
+                        bar.update(1)
+                        bar.set_postfix(reward=f"{reward:.3f}",
+                                        kl=f"{step_metrics.get('policy/kl_ref', 0.0):.3f}")
+                    break
+                except LearnerDied as e:
+                    system = self.system = self._replace_learner(system, e, sink)
+                    bar.n = self.step
+                    bar.refresh()
+            self._checkpoint(system)
+            version = int(ray.get(system.learner.get_version.remote()))
+            accounting = self.accounting(system.replay.stats(version))
+            (run_dir / "accounting.json").write_text(json.dumps(accounting, indent=2) + "\n")
+            if accounting["samples"]["unaccounted"] or accounting["prompts"]["unaccounted"]:
+                log.warning("accounting does not balance: %s", accounting)
         finally:
             bar.close()
             sink.close()
@@ -309,17 +445,32 @@ class Trainer:
         self._finish(sink.history)
         return sink.history[-1] if sink.history else {}
 
-    def _log_step(self, metrics: dict, window: dict, replay_stats: dict, step_s: float) -> dict:
-        import ray  # noqa: F401
+    def _replace_learner(self, system: System, error: Exception, sink) -> System:
+        self.learner_restarts += 1
+        limit = self.cfg.run.max_learner_restarts
+        if self.learner_restarts > limit:
+            raise RuntimeError(f"the learner died {self.learner_restarts} times "
+                               f"(run.max_learner_restarts={limit}); last: {error}") from error
+        log.warning("the learner died at step %d (%s); restarting every actor from the last "
+                    "checkpoint (%d of %d restarts)", self.step + 1,
+                    str(error).splitlines()[0], self.learner_restarts, limit)
+        system.shutdown()
+        system = self._restore()
+        sink.truncate(self.step)
+        return system
 
+    def _log_step(self, metrics: dict, window: dict, replay_stats: dict, step_s: float) -> dict:
         samples = metrics.pop("learner/samples", [])
         merged = {**window, **metrics}
         merged.update({f"replay/{k}": v for k, v in replay_stats.items()
                        if f"replay/{k}" in _replay_keys()})
-        elapsed = time.perf_counter() - self._t_loop
+        elapsed = self._elapsed()
         merged["perf/step_s"] = step_s
         merged["perf/elapsed_s"] = elapsed
         merged["perf/samples_per_s"] = self.samples_scored / elapsed if elapsed > 0 else 0.0
+        merged["health/stall_events"] = float(self.stall_events)
+        merged["health/stalled_roles"] = float(len(self._stalled))
+        merged["health/learner_restarts"] = float(self.learner_restarts)
         every = self.cfg.run.log_samples_every
         if every and (self.step == 1 or self.step % every == 0):
             for s in samples:
@@ -327,6 +478,53 @@ class Trainer:
                          s["response"], s["reward"])
         return merged
 
+    # -- waiting, with a watchdog ---------------------------------------------------------------
+    def _wait(self, pending: dict, *, only=None):
+        """The next finished ref among ``pending`` (ref -> (kind, idx, started)), or among those
+        ``only`` accepts; reports roles with work in flight for longer than the watchdog's
+        timeout."""
+        import ray
+
+        timeout = self.cfg.run.watchdog_timeout_s
+        tick = min(max(timeout / 4, 0.05), 30.0) if timeout else None
+        while True:
+            refs = [r for r, v in pending.items() if only is None or only(v)]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=tick)
+            if ready:
+                kind, idx, _started = pending[ready[0]]
+                role = _role(kind, idx)
+                if self._stalled.pop(role, None) is not None:
+                    log.warning("watchdog: %s made progress again", role)
+                return ready[0]
+            self._watch(pending.values(), timeout)
+
+    def _watch(self, in_flight, timeout: float) -> None:
+        now = time.perf_counter()
+        for kind, idx, started in in_flight:
+            role = _role(kind, idx)
+            if now - started < timeout or role in self._stalled:
+                continue
+            self._stalled[role] = now
+            self.stall_events += 1
+            when, what = self._activity.get(role, (None, "nothing yet"))
+            last = f"{what}, {now - when:.0f}s ago" if when is not None else what
+            log.warning("watchdog: %s has had a %s call in flight for %.0fs with no result "
+                        "(run.watchdog_timeout_s=%g); its last activity: %s", role, kind,
+                        now - started, timeout, last)
+
+    def _done(self, kind: str, idx, what: str) -> None:
+        self._activity[_role(kind, idx)] = (time.perf_counter(), what)
+
+    def _learn_result(self, ref) -> dict:
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            return ray.get(ref)
+        except RayActorError as e:
+            raise LearnerDied(str(e)) from e
+
+    # -- the loops -------------------------------------------------------------------------------
     def _async_loop(self, system: System):
         import ray
 
@@ -344,73 +542,85 @@ class Trainer:
             # versions for its uses; more look-ahead would let rows go stale before them
             room = cfg.replay.max_staleness + 1 - math.ceil(spi)
             ahead_limit = new_per_step * max(1, room)
-        pending: dict = {}  # ObjectRef -> (kind, index)
-        in_flight_rows = 0
-        buffered_rows = 0  # inserted but not yet consumed by the learner
-        learner_version = 0
+        pending: dict = {}  # ObjectRef -> (kind, index, started)
+        state = {"in_flight": 0, "buffered": 0.0, "version": 0, "scorer": 0}
         window = _Window()
-        next_scorer = 0
         last_step_t = time.perf_counter()
+        idle_generators = set()
 
-        def maybe_generate(i: int) -> None:
-            nonlocal in_flight_rows
-            if buffered_rows + in_flight_rows > ahead_limit:
+        def maybe_generate(i: int) -> bool:
+            if state["buffered"] + state["in_flight"] > ahead_limit:
                 # over the look-ahead, except when nothing is in flight and the buffer cannot
                 # serve the learner a batch (e.g. a rate limiter's per-shard minimum size not
                 # reached): then the learner waits for this generator, so it must run
-                if in_flight_rows or system.replay.num_servable(learner_version) >= online_batch:
-                    return
-            ref = system.generators[i].generate.remote(self._prompt_batch())
-            pending[ref] = ("generate", i)
-            in_flight_rows += rows_per_request
+                if (state["in_flight"]
+                        or system.replay.num_servable(state["version"]) >= online_batch):
+                    return False
+            ref = system.generators[i].generate.remote(self._prompt_batch(i))
+            pending[ref] = ("generate", i, time.perf_counter())
+            state["in_flight"] += rows_per_request
+            return True
+
+        def handle(ref) -> dict | None:
+            """Processes one finished generate or score call; a learn call's metrics."""
+            kind, idx, _started = pending.pop(ref)
+            if kind == "generate":
+                j = state["scorer"] % len(system.scorers)
+                state["scorer"] += 1
+                pending[system.scorers[j].score.remote(ref)] = (
+                    "score", (idx, ref, j), time.perf_counter())
+                idle_generators.add(idx)
+                self._done(kind, idx, "returned a request")
+            elif kind == "score":
+                gen_index, gen_ref, j = idx
+                state["in_flight"] -= rows_per_request
+                report = self._report_or_failure(ref, gen_index, gen_ref, window)
+                self._done(kind, idx, "scored a request")
+                if report is not None:
+                    state["buffered"] += report.inserted
+                    self.samples_scored += report.inserted
+                    window.add_report(report, state["version"])
+                    self._count(report)
+                    self._quarantine_log(report)
+            else:
+                return self._learn_result(ref)
+            return None
+
+        def drain() -> None:
+            while any(v[0] != "learn" for v in pending.values()):
+                handle(self._wait(pending, only=lambda v: v[0] != "learn"))
 
         for i in range(len(system.generators)):
             maybe_generate(i)
-        pending[system.learner.step.remote()] = ("learn", 0)
-        idle_generators = set()
+        pending[system.learner.step.remote()] = ("learn", 0, time.perf_counter())
         while self.step < cfg.run.steps:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            kind, idx = pending.pop(ref)
-            if kind == "generate":
-                scorer = system.scorers[next_scorer % len(system.scorers)]
-                next_scorer += 1
-                pending[scorer.score.remote(ref)] = ("score", (idx, ref))
-                idle_generators.add(idx)
-            elif kind == "score":
-                in_flight_rows -= rows_per_request
-                report = self._report_or_failure(ref, *idx, window)
-                if report is not None:
-                    buffered_rows += report.inserted
-                    self.samples_scored += report.inserted
-                    window.add_report(report, learner_version)
-                    self._quarantine_log(report)
-            else:
-                metrics = ray.get(ref)
+            ref = self._wait(pending)
+            metrics = handle(ref)
+            if metrics is not None:
                 self.step += 1
-                learner_version = int(metrics["weights/version"])
-                buffered_rows = max(0.0, buffered_rows - new_per_step)
+                self._done("learn", 0, f"finished step {self.step}")
+                state["version"] = int(metrics["weights/version"])
+                state["buffered"] = max(0.0, state["buffered"] - new_per_step)
                 now = time.perf_counter()
-                stats = system.replay.stats(learner_version)
+                stats = system.replay.stats(state["version"])
                 # rows that went stale unused leave the buffer without being counted above;
                 # the buffer's own count corrects the estimate downwards (else the driver
                 # could wait for a learner that waits for it)
-                buffered_rows = min(buffered_rows, float(stats["eligible"]))
+                state["buffered"] = min(state["buffered"], float(stats["eligible"]))
                 yield self._log_step(metrics, window.flush(), stats, now - last_step_t)
                 last_step_t = now
+                if self._checkpoint_due():
+                    drain()  # the checkpoint needs buffer, cursor and counters to agree
+                    self._checkpoint(system)
+                    idle_generators.update(range(len(system.generators)))
                 if self.step < cfg.run.steps:
-                    pending[system.learner.step.remote()] = ("learn", 0)
+                    pending[system.learner.step.remote()] = ("learn", 0, time.perf_counter())
             # generators whose last request was handed on get a new one when the budget allows
             for i in sorted(idle_generators):
-                before = len(pending)
-                maybe_generate(i)
-                if len(pending) > before:
+                busy = any(v[0] == "generate" and v[1] == i for v in pending.values())
+                if busy or maybe_generate(i):
                     idle_generators.discard(i)
-        for ref in pending:  # requests still running are abandoned; their rows are not needed
-            try:
-                ray.cancel(ref)
-            except Exception:  # a task that already finished cannot be cancelled
-                pass
+        drain()  # the requests in flight finish, so the final checkpoint accounts for them
 
     def _sync_loop(self, system: System):
         import ray
@@ -418,26 +628,73 @@ class Trainer:
         cfg = self.cfg
         online_batch = batch_split(cfg)[0]
         version = 0
+        if self.step:
+            version = int(ray.get(system.learner.get_version.remote()))
         while self.step < cfg.run.steps:
             start = time.perf_counter()
             window = _Window()
             while system.replay.num_servable(version) < online_batch:
-                refs = [g.generate.remote(self._prompt_batch()) for g in system.generators]
+                refs = [g.generate.remote(self._prompt_batch(i))
+                        for i, g in enumerate(system.generators)]
                 scored = [system.scorers[i % len(system.scorers)].score.remote(r)
                           for i, r in enumerate(refs)]
-                reports = [self._report_or_failure(sref, i, gref, window)
-                           for i, (sref, gref) in enumerate(zip(scored, refs))]
-                for report in reports:
+                for i, (sref, gref) in enumerate(zip(scored, refs)):
+                    idx = (i, gref, i % len(system.scorers))
+                    self._wait({sref: ("score", idx, time.perf_counter())})
+                    report = self._report_or_failure(sref, i, gref, window)
+                    self._done("score", idx, "scored a request")
                     if report is None:
                         continue
                     window.add_report(report, version)
+                    self._count(report)
                     self._quarantine_log(report)
                     self.samples_scored += report.inserted
-            metrics = ray.get(system.learner.step.remote())
+            ref = system.learner.step.remote()
+            self._wait({ref: ("learn", 0, time.perf_counter())})
+            metrics = self._learn_result(ref)
             self.step += 1
+            self._done("learn", 0, f"finished step {self.step}")
             version = int(metrics["weights/version"])
             stats = system.replay.stats(version)
             yield self._log_step(metrics, window.flush(), stats, time.perf_counter() - start)
+            if self._checkpoint_due():
+                self._checkpoint(system)
+
+    # -- reports --------------------------------------------------------------------------------
+    def _count(self, report) -> None:
+        st = report.stats
+        c = self.counts
+        c["prompts_generated"] += st.get("rollout/prompts", 0.0)
+        c["prompts_dropped"] += st.get("rollout/prompts_dropped", 0.0)
+        c["samples_generated"] += st.get("rollout/samples", 0.0)
+        c["samples_quarantined"] += report.quarantined
+        c["samples_group_dropped"] += st.get("reward/samples_group_dropped", 0.0)
+        c["rows_inserted"] += report.inserted
+
+    def accounting(self, replay_stats: dict) -> dict:
+        """Where every prompt and sample of the run went, from independent counts: the
+        driver's cursor, the generators' and scorers' reports, the buffer's own counter.
+
+        - prompts taken = prompts generated + dropped (empty or too long) + lost with failed
+          requests;
+        - samples generated = rows stored (the buffer's ``inserted`` counter) + quarantined +
+          samples of groups dropped for having fewer than 2 valid samples.
+        """
+        c = self.counts
+        stored = float(replay_stats.get("inserted", 0))
+        prompts = {k: c.get(f"prompts_{k}", 0.0)
+                   for k in ("taken", "generated", "dropped", "failed")}
+        samples = {"generated": c.get("samples_generated", 0.0), "stored": stored,
+                   "quarantined": c.get("samples_quarantined", 0.0),
+                   "group_dropped": c.get("samples_group_dropped", 0.0)}
+        prompts["unaccounted"] = (prompts["taken"] - prompts["generated"] - prompts["dropped"]
+                                  - prompts["failed"])
+        samples["unaccounted"] = (samples["generated"] - stored - samples["quarantined"]
+                                  - samples["group_dropped"])
+        return {"prompts": prompts, "samples": samples,
+                "set_aside_rows": dict(self.set_aside),
+                "learner_restarts": self.learner_restarts,
+                "stall_events": self.stall_events}
 
     def _report_or_failure(self, score_ref, gen_index: int, gen_ref, window: _Window):
         """The scorer's report, or None when the request failed for good (Ray's restarts and
@@ -458,6 +715,7 @@ class Trainer:
             prompts = self.cfg.generator.prompts_per_request
             window.sums["rollout/prompts_dropped"] += prompts
             window.sums["rollout/requests_failed"] += 1
+            self.counts["prompts_failed"] += prompts
             log.warning("%s failed a request (%d in a row); its %d prompts count as dropped: %s",
                         role, self._failures[role], prompts, str(e).splitlines()[0])
             if self._failures[role] >= self.cfg.run.max_failures:
@@ -494,11 +752,13 @@ class Trainer:
     def _finish(self, history: list[dict]) -> None:
         import shutil
 
+        from rlhf_ray import checkpoint
         from rlhf_ray.metrics import plot_curves
 
-        adapter = self.run_dir / "checkpoint" / "adapter"
-        if adapter.exists():
-            shutil.copytree(adapter, self.run_dir / "adapter", dirs_exist_ok=True)
+        found = checkpoint.latest(self.run_dir)
+        if found is not None and found[0] == self.step:
+            shutil.copytree(found[1] / "learner" / "adapter", self.run_dir / "adapter",
+                            dirs_exist_ok=True)
         if self.cfg.run.plots and history:
             plot_curves(history, self.run_dir / "curves.png")
         if history:
@@ -515,7 +775,7 @@ def _replay_keys() -> set[str]:
     return {k for k in GLOSSARY if k.startswith("replay/")}
 
 
-def train(cfg: Config, run_dir: Path | None = None) -> Path:
-    trainer = Trainer(cfg, run_dir)
+def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> Path:
+    trainer = Trainer(cfg, run_dir, resume=resume)
     trainer.run()
     return trainer.run_dir

@@ -17,6 +17,10 @@ GLOSSARY: dict[str, str] = {
     "rollout/prompts_truncated": "prompts cut to data.max_prompt_tokens (kept the last tokens)",
     "rollout/prompts_dropped": "prompts skipped: empty, or too long with prompt_overflow=drop",
     "rollout/samples": "responses sampled",
+    "health/stall_events": "times the watchdog found a role with a call in flight for longer than run.watchdog_timeout_s (total)",
+    "health/stalled_roles": "roles the watchdog reports as stalled now",
+    "health/learner_restarts": "times the learner died and the run went back to its last checkpoint (total)",
+    "reward/samples_group_dropped": "valid samples of the groups dropped for having fewer than 2 (sum)",
     "rollout/requests_failed": "generate/score requests that failed for good (restarts and retries exhausted); their prompts count as dropped",
     "rollout/tokens": "response tokens sampled",
     "rollout/kl_ref": "mean per-sequence sum of (behavior - ref) log-probs of new samples",
@@ -102,6 +106,16 @@ class MetricsSink:
                 if k != "step" and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
         self.history.append(record)
+
+    def truncate(self, step: int) -> None:
+        """Forgets the rows after ``step`` (a run that went back to a checkpoint redoes them);
+        TensorBoard keeps its copies."""
+        from rlhf_ray.checkpoint import truncate_metrics
+
+        self._jsonl.close()
+        truncate_metrics(self.run_dir, step)
+        self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
+        self.history = [r for r in self.history if r["step"] <= step]
 
     def close(self) -> None:
         self._jsonl.close()

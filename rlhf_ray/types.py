@@ -60,6 +60,9 @@ class Prompt:
 class PromptBatch:
     prompts: list[Prompt]
     n_samples: int = 1  # responses per prompt (a group)
+    # the driver's number for this request: the generator derives its sampling seed from it,
+    # so a retried or resumed request samples the same; None: the generator's own count
+    request_idx: int | None = None
 
 
 @dataclass

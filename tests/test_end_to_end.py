@@ -72,7 +72,10 @@ def test_tiny_run_with_replay_ratio_2_prioritized_and_durable_buffer(ray_cluster
     tables = find_tables(run_dir)
     assert list(tables) == ["online"]
     rows = sum(read_shard(d)[0].num_rows for d in tables["online"])
-    assert rows == last["replay/size"]
+    # the requests in flight at the last step were finished for the final checkpoint
+    account = json.loads((run_dir / "accounting.json").read_text())
+    assert last["replay/size"] <= rows <= last["replay/size"] + 3 * 8
+    assert account["samples"]["unaccounted"] == 0
     out = tmp_path / "rows.parquet"
     assert main(["buffer", "export", str(run_dir), str(out)]) == 0
     import pyarrow.parquet as pq

@@ -111,7 +111,8 @@ class Generator:
     def generate(self, batch: PromptBatch) -> RolloutBatch:
         self._pull_weights()
         version = self.backend.version  # the version this request is admitted under
-        seed = request_seed(self.cfg.generator.seed, self.generator_id, self.requests)
+        idx = self.requests if batch.request_idx is None else batch.request_idx
+        seed = request_seed(self.cfg.generator.seed, self.generator_id, idx)
         self.requests += 1
         self.seeds.append(seed)
         kept, truncated, dropped = self._tokenize(batch)

@@ -121,11 +121,37 @@ class Learner:
         return metrics
 
     def save(self, path: str) -> str:
-        self.trainer.save(path)
+        """The trainer's state (see ``PPOTrainer.save``) plus the published version, the
+        publish failures and the random state of the learner's replay clients."""
+        extra = {"published_version": self.version, "publish_failures": self.publish_failures,
+                 "replay_rng": self.replay.rng_state(),
+                 "offline_rng": self.offline.rng_state() if self.offline else None}
+        self.trainer.save(path, extra)
         return path
+
+    def load(self, path: str) -> int:
+        """Restores a ``save``; publishes the restored adapter as the saved version (the
+        weight store of a resumed run starts below it), so generators serve it next."""
+        from rlhf_ray.weights.store import publish
+
+        extra = self.trainer.load(path)
+        self.version = int(extra["published_version"])
+        self.publish_failures = int(extra["publish_failures"])
+        self.replay.load_rng_state(extra["replay_rng"])
+        if self.offline is not None and extra.get("offline_rng") is not None:
+            self.offline.load_rng_state(extra["offline_rng"])
+        if self.weight_store is not None and self.version > 0:
+            publish(self.weight_store, self.trainer.adapter_state(), version=self.version)
+        return self.version
 
     def get_version(self) -> int:
         return self.version
+
+    def pid(self) -> int:
+        """The actor's process id (for operations and fault tests)."""
+        import os
+
+        return os.getpid()
 
 
 def _samples(table, k: int = 2) -> list[dict]:

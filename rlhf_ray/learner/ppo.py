@@ -39,6 +39,7 @@ Dropout is never active: the policy stays in eval mode, so log-prob passes are d
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -322,9 +323,17 @@ class PPOTrainer:
 
         return lora_state_dict(self.policy.model)
 
-    def save(self, path: str) -> None:
-        """Adapter (`save_pretrained`, loads with PeftModel.from_pretrained), value head and
-        training state (optimizer, scheduler, KL controller, version)."""
+    def save(self, path: str, extra: dict | None = None) -> None:
+        """Writes the training state to the folder ``path``:
+
+        - ``adapter/``: ``save_pretrained`` (loads with ``PeftModel.from_pretrained``);
+        - ``adapter_state.safetensors`` and ``value_head.safetensors`` (with a value head): the
+          exact tensors ``load`` restores;
+        - ``trainer_state.pt``: optimizer, scheduler, KL controller, version, skipped updates,
+          the minibatch shuffle's and torch's RNG states, and ``extra`` (as JSON text). It
+          holds only tensors and plain containers, and ``load`` reads it with
+          ``torch.load(weights_only=True)``, which runs no pickled code.
+        """
         from pathlib import Path
 
         from safetensors.torch import save_file
@@ -332,6 +341,7 @@ class PPOTrainer:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         self.policy.model.save_pretrained(out / "adapter", safe_serialization=True)
+        save_file(self.adapter_state(), str(out / "adapter_state.safetensors"))
         if self.policy.value_head is not None:
             save_file(self.policy.value_head.state_dict(), str(out / "value_head.safetensors"))
         torch.save(
@@ -340,9 +350,36 @@ class PPOTrainer:
                 "scheduler": self.scheduler.state_dict(),
                 "kl_controller": self.kl_ctl.state_dict(),
                 "version": self.version,
+                "skipped_updates": self.skipped_updates,
+                "shuffle_rng": self._shuffle.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "extra": json.dumps(extra or {}),
             },
             out / "trainer_state.pt",
         )
+
+    def load(self, path: str) -> dict:
+        """Restores what ``save`` wrote to ``path``; returns its ``extra``."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from rlhf_ray.models.loading import load_lora_state_dict
+
+        src = Path(path)
+        load_lora_state_dict(self.policy.model, load_file(str(src / "adapter_state.safetensors")))
+        if self.policy.value_head is not None:
+            self.policy.value_head.load_state_dict(
+                load_file(str(src / "value_head.safetensors")))
+        state = torch.load(src / "trainer_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.version = int(state["version"])
+        self.skipped_updates = int(state["skipped_updates"])
+        self._shuffle.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        return json.loads(state["extra"])
 
 
 def _acc(sums: dict[str, float], key: str, value: float) -> None:

@@ -126,6 +126,13 @@ class ReplayClient:
         self.poll_s = poll_s
         self.insert_wait_s = 0.0  # seconds the last insert waited for the rate limiter
 
+    def rng_state(self) -> dict:
+        """The random state that splits samples across shards (JSON-ready)."""
+        return self._rng.bit_generator.state
+
+    def load_rng_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state
+
     @property
     def num_shards(self) -> int:
         """How many shards (S)."""

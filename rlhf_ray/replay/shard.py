@@ -474,6 +474,34 @@ class ReplayShard:
                if self._wal is not None else {}),
         }
 
+    def checkpoint(self, tag: str, keep: list[str] | None = None) -> dict[str, Any]:
+        """Snapshots now and keeps that snapshot as checkpoint ``tag`` (durable shards only).
+
+        Args:
+            tag: the checkpoint's name (a run uses ``step-<N>``).
+            keep: when given, checkpoints whose tag is neither ``tag`` nor in ``keep`` are
+                deleted.
+
+        Returns:
+            ``rows``, ``inserted`` (lifetime counter) and ``generation`` at the checkpoint.
+
+        Raises:
+            RuntimeError: an in-memory shard, or one that accepts no changes.
+            OSError: the snapshot could not be written (the previous checkpoints stay).
+        """
+        if self._directory is None:
+            raise RuntimeError("an in-memory replay shard has no checkpoints")
+        self._check_writable()
+        before = self._generation
+        self._snapshot()
+        if self._generation == before:
+            raise OSError(f"{self._directory}: the snapshot for checkpoint {tag!r} failed "
+                          "(see the shard's log)")
+        storage.save_checkpoint(self._directory, self._generation, tag, fsync=self._fsync)
+        if keep is not None:
+            storage.drop_checkpoints(self._directory, {tag, *keep})
+        return {"rows": self.size(), "inserted": self._inserted, "generation": self._generation}
+
     def to_table(self) -> pa.Table:
         """All stored rows in insertion order, with current bookkeeping, for export."""
         return self._rows(None)

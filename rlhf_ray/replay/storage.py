@@ -46,6 +46,11 @@ cut short by a kill (a prefix of one ``write()``) fails to decode and is dropped
 returned. Arrow's message framing is the only check; there is no checksum, so on-disk corruption
 other than a cut-off tail is not detected beyond what fails to decode.
 
+Checkpoints (``save_checkpoint``): ``checkpoints/<tag>/`` holds hard links to one committed
+generation's ``snapshot.parquet`` and ``snapshot.json``; a run checkpoint tags every shard at
+the same moment. ``restore_checkpoint`` moves the current generation's files to
+``set-aside/<tag>-<n>/`` (nothing is deleted) and makes the checkpoint the current generation.
+
 Runs keep the tables of their buffers under ``RUN_DIR/replay/<table>/shard-<i>/``;
 ``find_tables`` lists them and ``read_shard`` rebuilds one shard's rows read-only.
 """
@@ -57,6 +62,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,6 +471,119 @@ def lock_directory(directory: str | os.PathLike, wait_s: float = 0.0) -> int:
 def unlock_directory(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+# ---- checkpoints
+
+CHECKPOINTS_DIR = "checkpoints"
+SET_ASIDE_DIR = "set-aside"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (snapshot files are immutable once committed), or a copy where the file
+    system refuses links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def save_checkpoint(directory: str | os.PathLike, generation: int, tag: str, *,
+                    fsync: bool) -> Path:
+    """Keeps committed generation ``generation`` as checkpoint ``tag``.
+
+    ``checkpoints/<tag>/`` gets the generation's ``snapshot.parquet`` and ``snapshot.json``
+    (hard links, so a later rotation deleting the originals frees nothing the checkpoint needs).
+    The folder is filled under a temporary name and renamed: it exists whole or not at all.
+    """
+    directory = Path(directory)
+    root = directory / CHECKPOINTS_DIR
+    root.mkdir(exist_ok=True)
+    final, tmp = root / tag, root / f"{_TMP_PREFIX}{tag}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _link_or_copy(snapshot_path(directory, generation), tmp / "snapshot.parquet")
+    _link_or_copy(meta_path(directory, generation), tmp / "snapshot.json")
+    if final.exists():  # the same tag again (a retried call): the newer state wins
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if fsync:
+        _fsync_path(root)
+    return final
+
+
+def checkpoint_tags(directory: str | os.PathLike) -> list[str]:
+    root = Path(directory) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith(_TMP_PREFIX))
+
+
+def drop_checkpoints(directory: str | os.PathLike, keep: set[str]) -> None:
+    """Deletes the checkpoints (and leftover temporary ones) whose tag is not in ``keep``."""
+    root = Path(directory) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.is_dir() and p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def restore_checkpoint(directory: str | os.PathLike, tag: str | None) -> dict[str, Any]:
+    """Makes checkpoint ``tag`` the shard's current state (``None``: the empty start state).
+
+    Nothing is deleted: the current generation's files (snapshot, log) move to
+    ``set-aside/<tag>-<n>/``, a folder with a shard directory's layout that ``read_shard``
+    reads, and the checkpoint's snapshot becomes the current generation with an empty log.
+    Takes the directory's lock, so no live shard may hold it.
+
+    Returns:
+        ``set_aside`` (the folder, or None when there was nothing to move), ``rows_after``
+        (rows inserted after the checkpoint, counted from the two states' ``inserted``
+        counters) and ``generation`` (the restored one).
+
+    Raises:
+        FileNotFoundError: the shard has no checkpoint ``tag``.
+        RuntimeError: a live shard holds the directory.
+    """
+    directory = Path(directory)
+    source = directory / CHECKPOINTS_DIR / tag if tag is not None else None
+    if source is not None and not (source / "snapshot.json").is_file():
+        raise FileNotFoundError(f"replay shard {directory} has no checkpoint {tag!r} "
+                                f"(it has {checkpoint_tags(directory) or 'none'})")
+    fd = lock_directory(directory, wait_s=10.0)
+    try:
+        before = recover(directory)
+        inserted_now = 0
+        if before.meta is not None:
+            inserted_now = int(read_shard(directory)[1]["counters"].get("inserted", 0))
+        meta = None
+        if source is not None:
+            with open(source / "snapshot.json") as f:
+                meta = json.load(f)
+        inserted_then = int(meta["counters"]["inserted"]) if meta is not None else 0
+        movable = [p for p in directory.iterdir()
+                   if p.is_file() and (_GENERATION_FILE.match(p.name)
+                                       or p.name.startswith(_TMP_PREFIX))]
+        set_aside = None
+        if movable:
+            parent = directory / SET_ASIDE_DIR
+            parent.mkdir(exist_ok=True)
+            n = sum(1 for _ in parent.iterdir())
+            set_aside = parent / f"{tag or 'start'}-{n}"
+            set_aside.mkdir()
+            for p in movable:
+                os.replace(p, set_aside / p.name)
+        generation = 0
+        if meta is not None:
+            generation = int(meta["generation"])
+            _link_or_copy(source / "snapshot.parquet", snapshot_path(directory, generation))
+            _link_or_copy(source / "snapshot.json", meta_path(directory, generation))
+        return {"set_aside": str(set_aside) if set_aside else None,
+                "rows_after": max(0, inserted_now - inserted_then), "generation": generation}
+    finally:
+        unlock_directory(fd)
 
 
 # ---- read-only access

@@ -9,7 +9,10 @@ A reward is chosen by `scorer.reward`:
   This imports and runs that code inside the scorer actors: only name code you trust;
 - `model:PATH`, an HF sequence-classification reward model folder (score = logit 0).
 
-Functions see the decoded prompt and response without pad or special-token text.
+Functions see the decoded prompt and response without pad or special-token text. The scorer calls
+them one at a time on a helper thread, and a call that takes longer than `scorer.reward_timeout_s`
+quarantines its sample (with 0, they run in the scorer's own thread without a limit); reward
+models run without a timeout.
 """
 
 from __future__ import annotations

@@ -2,8 +2,14 @@
 
 Per batch:
 1. reward of every response (reward function on decoded text, or a reward model);
-2. quarantine: a reward that raises or is not a finite number never becomes a training row; the
-   sample is counted (`reward/quarantined`) and reported with its prompt uid;
+2. quarantine: a reward that raises, is not a finite number, or takes longer than
+   `scorer.reward_timeout_s` never becomes a training row; the sample is counted
+   (`reward/quarantined`) and reported with its prompt uid and the reason. Reward functions run
+   one call at a time on a helper thread so that the scorer can stop waiting for a call that
+   hangs; Python cannot stop the call itself, so it runs on in the background and the calls
+   after it move to a fresh thread. More than `scorer.max_hung_rewards` such calls still
+   running at once raise an error naming the reward (the reward function is broken, not one
+   sample). Reward models (`model:PATH`) are batched torch code and run without a timeout;
 3. group rule (grpo/rloo): the group-relative advantage is computed over the group's surviving
    samples; a group left with fewer than 2 survivors is dropped whole (`reward/groups_dropped`);
 4. `ref_logprobs` from the frozen reference (the starting policy, no gradients), at the
@@ -14,12 +20,17 @@ Per batch:
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as WaitTimeout
 
 import torch
 
 from rlhf_ray.config import Config
+from rlhf_ray.scoring.rewards import RewardFn
 from rlhf_ray.types import RolloutBatch, ScoreReport, experience_table, rollout_to_row
 
 
@@ -31,6 +42,97 @@ def _finite_number(value) -> float | None:
             return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+class _RewardRunner:
+    """Runs reward-function calls one at a time, in order, on a daemon thread, so that the caller
+    can stop waiting for a call that hangs.
+
+    A call abandoned after its timeout keeps its thread until it returns (Python cannot stop a
+    thread); that thread then exits, and a fresh one takes over the queued calls, so at most one
+    call runs besides the abandoned ones. `hung` counts abandoned calls still running; more than
+    `max_hung` raise. Daemon threads: a hung call never keeps the process from exiting.
+    """
+
+    def __init__(self, fn: RewardFn, timeout: float, max_hung: int, name: str):
+        self.fn, self.timeout, self.max_hung, self.name = fn, timeout, max_hung, name
+        self.hung = 0
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None  # the thread taking queued calls
+        self._threads = 0
+
+    def _start_worker(self) -> None:
+        self._threads += 1
+        self._worker = threading.Thread(target=self._work, name=f"reward-{self._threads}",
+                                        daemon=True)
+        self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            call = self._queue.get()
+            future = call["future"]
+            if not future.set_running_or_notify_cancel():
+                continue  # its batch failed before it started
+            call["started"] = time.monotonic()
+            try:
+                result, error = self.fn(*call["args"]), None
+            except BaseException as e:  # re-raised in the waiting caller
+                result, error = None, e
+            with self._lock:
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+                if call["abandoned"]:  # a fresh thread has taken over the queue
+                    self.hung -= 1
+                    return
+
+    def _check(self) -> None:
+        if self.hung > self.max_hung:
+            raise RuntimeError(
+                f"scorer.reward={self.name!r}: {self.hung} reward calls are still running after "
+                f"scorer.reward_timeout_s={self.timeout:g}s (more than "
+                f"scorer.max_hung_rewards={self.max_hung}); the reward function hangs"
+            )
+
+    def map(self, args: list[tuple[str, str]]) -> list[tuple[object, Exception | None] | None]:
+        """``(result, exception)`` of each call, or None for a call that timed out."""
+        self._check()
+        calls = [{"future": Future(), "args": a, "started": None, "abandoned": False}
+                 for a in args]
+        if self._worker is None:
+            self._start_worker()
+        for call in calls:
+            self._queue.put(call)
+        try:
+            return [self._wait(call) for call in calls]
+        finally:
+            for call in calls:
+                call["future"].cancel()  # calls not started when the batch failed never run
+
+    def _wait(self, call: dict) -> tuple[object, Exception | None] | None:
+        future = call["future"]
+        while True:
+            started = call["started"]  # None while the call before it finishes
+            left = self.timeout if started is None else started + self.timeout - time.monotonic()
+            try:
+                return future.result(timeout=max(left, 0.0)), None
+            except WaitTimeout:
+                if started is None:
+                    continue  # it had not started: its deadline counts from its own start
+                with self._lock:
+                    if not future.done():
+                        call["abandoned"] = True
+                        self.hung += 1
+                if not call["abandoned"]:
+                    continue  # it returned just now
+                self._worker = None  # that thread exits when the hung call returns
+                self._check()
+                self._start_worker()
+                return None
+            except Exception as e:  # a user reward function may raise anything
+                return None, e
 
 
 class RewardScorer:
@@ -47,6 +149,11 @@ class RewardScorer:
         self.reward_kind, self.reward = make_reward(
             cfg.scorer.reward, trust_remote_code=cfg.model.trust_remote_code
         )
+        sc = cfg.scorer  # reward functions get a per-call timeout; a reward model does not
+        self._runner = (
+            _RewardRunner(self.reward, sc.reward_timeout_s, sc.max_hung_rewards, sc.reward)
+            if self.reward_kind == "fn" and sc.reward_timeout_s > 0 else None
+        )
 
     def _rewards(self, batch: RolloutBatch) -> tuple[list[float | None], list[str]]:
         prompts = [r.prompt_text for r in batch.rollouts]
@@ -54,18 +161,32 @@ class RewardScorer:
         if self.reward_kind == "model":
             raw = self.reward.score_texts(prompts, responses)
             return [_finite_number(v) for v in raw], ["not finite"] * len(raw)
+        if self._runner is not None:
+            outcomes = self._runner.map(list(zip(prompts, responses)))
+        else:
+            outcomes = [self._call(p, r) for p, r in zip(prompts, responses)]
         values, reasons = [], []
-        for p, r in zip(prompts, responses):
-            try:
-                v = self.reward(p, r)
-            except Exception as e:  # a user reward function may raise anything
+        for outcome in outcomes:
+            if outcome is None:
                 values.append(None)
-                reasons.append(f"raised {type(e).__name__}: {e}"[:200])
+                reasons.append(f"timed out after {self._runner.timeout:g}s "
+                               "(scorer.reward_timeout_s)")
+                continue
+            v, error = outcome
+            if error is not None:
+                values.append(None)
+                reasons.append(f"raised {type(error).__name__}: {error}"[:200])
                 continue
             checked = _finite_number(v)
             values.append(checked)
             reasons.append("" if checked is not None else f"returned {v!r}"[:200])
         return values, reasons
+
+    def _call(self, prompt: str, response: str) -> tuple[object, Exception | None]:
+        try:
+            return self.reward(prompt, response), None
+        except Exception as e:  # a user reward function may raise anything
+            return None, e
 
     def _group_advantages(self, rollouts, rewards) -> tuple[dict[int, float], int]:
         from rlhf_ray.algorithms.advantages import group_advantages
@@ -135,6 +256,9 @@ class RewardScorer:
             "reward/mean": sum(kept_rewards) / len(kept_rewards) if rows else float("nan"),
             "reward/quarantined": float(len(quarantine)),
             "reward/groups_dropped": float(groups_dropped),
+            # valid samples left without an advantage: members of the dropped groups
+            "reward/samples_group_dropped": float(
+                sum(1 for i, r in enumerate(rewards) if r is not None and i not in advantages)),
             "rollout/kl_ref": sum(kl) / len(kl) if kl else 0.0,
             "rollout/response_len_mean": (
                 sum(len(row["response_ids"]) for row in rows) / len(rows) if rows else 0.0

@@ -36,7 +36,10 @@ class WeightStore:
             raise KeyError(f"publish {publish_id} is not open")
         self._open[publish_id]["pieces"].append(ray.put(piece))
 
-    def commit(self, publish_id: int, num_pieces: int, meta: dict | None = None) -> int:
+    def commit(self, publish_id: int, num_pieces: int, meta: dict | None = None,
+               version: int | None = None) -> int:
+        """Makes the pieces the next version, or ``version`` when given (a resumed run
+        republishes its checkpoint's version; it must be newer than the current one)."""
         pending = self._open.pop(publish_id, None)
         if pending is None:
             raise KeyError(f"publish {publish_id} is not open")
@@ -45,7 +48,11 @@ class WeightStore:
             raise ValueError(
                 f"publish {publish_id}: {len(pending['pieces'])} of {num_pieces} pieces arrived"
             )
-        self._version += 1
+        if version is not None and version <= self._version:
+            self.failed_publishes += 1
+            raise ValueError(f"publish {publish_id}: version {version} is not newer than "
+                             f"{self._version}")
+        self._version = self._version + 1 if version is None else int(version)
         self._versions[self._version] = {"pieces": pending["pieces"], "meta": meta or {}}
         for old in sorted(self._versions)[: -self.keep]:
             del self._versions[old]
@@ -90,8 +97,10 @@ def split_pieces(state: dict[str, torch.Tensor], max_piece_bytes: int) -> list[d
 
 
 def publish(store, state: dict[str, torch.Tensor], *, max_piece_bytes: int = 8 << 20,
-            meta: dict | None = None, _fail_after_pieces: int | None = None) -> int:
-    """Publishes `state` as one new version; returns it. On any failure the version is unchanged.
+            meta: dict | None = None, version: int | None = None,
+            _fail_after_pieces: int | None = None) -> int:
+    """Publishes `state` as one new version (the next one, or `version`); returns it. On any
+    failure the version is unchanged.
 
     `_fail_after_pieces` injects a failure after that many pieces (tests only).
     """
@@ -102,7 +111,7 @@ def publish(store, state: dict[str, torch.Tensor], *, max_piece_bytes: int = 8 <
             if _fail_after_pieces is not None and i >= _fail_after_pieces:
                 raise RuntimeError(f"injected failure after {i} pieces")
             ray.get(store.put_piece.remote(publish_id, piece))
-        return ray.get(store.commit.remote(publish_id, len(pieces), meta))
+        return ray.get(store.commit.remote(publish_id, len(pieces), meta, version))
     except BaseException:
         ray.get(store.abort.remote(publish_id))
         raise
