@@ -16,7 +16,7 @@ import importlib.resources
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -73,6 +73,9 @@ class GeneratorConfig:
     """hf (transformers generate) | vllm."""
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: Dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per generator actor (e.g. {generator_node: 1} to pin generators to
+    a worker group that advertises it)."""
     torch_threads: int = 1
     prompts_per_request: int = 8
     """Prompts in one generate call; each yields `n_samples` responses."""
@@ -92,6 +95,8 @@ class ScorerConfig:
     num: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: Dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per scorer actor."""
     torch_threads: int = 1
     reward: str = "vader"
     """Builtin reward fn (`vader`, `letter-e`), a Python callable `module:function` (runs that code),
@@ -152,8 +157,19 @@ class ReplayConfig:
 @dataclass
 class LearnerConfig:
     num: int = 1
+    """Data-parallel learner actors, one torch.distributed group (gloo on CPU, NCCL on GPU):
+    each draws batch_size / num rows, gradients are summed with token-mean weights over the
+    whole batch, rank 0 publishes and checkpoints."""
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: Dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per learner actor (e.g. {learner_node: 1} to pin learners to a
+    worker group that advertises it)."""
+    placement: str = "PACK"
+    """With num > 1: the placement-group strategy of the learners' bundles (PACK, SPREAD,
+    STRICT_PACK, STRICT_SPREAD)."""
+    dist_timeout_s: float = 300.0
+    """How long a collective waits for the other learners before it fails."""
     torch_threads: int = 1
     batch_size: int = 32
     """Rows drawn from the buffer per learner step."""
@@ -551,21 +567,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"replay.offline_fraction={rep.offline_fraction}: must be in [0, 1)")
     if rep.offline_fraction > 0 and not rep.offline_files:
         raise ConfigError("replay.offline_fraction > 0 needs replay.offline_files")
-    if lrn.num > 1:
+    if lrn.batch_size % lrn.num or (lrn.batch_size // lrn.num) % lrn.num_minibatches:
         raise ConfigError(
-            f"learner.num={lrn.num}: this build runs one learner actor; several data-parallel "
-            "learners are not implemented yet"
+            f"learner.batch_size={lrn.batch_size} must split evenly over learner.num={lrn.num} "
+            f"learners and, per learner, into learner.num_minibatches={lrn.num_minibatches}"
         )
+    for role in ("generator", "scorer", "learner"):
+        for name, amount in getattr(cfg, role).resources.items():
+            _positive(f"{role}.resources.{name}", amount)
+    _choice("learner.placement", lrn.placement, ("PACK", "SPREAD", "STRICT_PACK",
+                                                  "STRICT_SPREAD"))
     if g.backend == "vllm":
         raise ConfigError(
             "generator.backend='vllm': the vLLM backend is not implemented yet; use 'hf'"
         )
 
 
-def batch_split(cfg: Config) -> tuple[int, int]:
+def batch_split(cfg: Config, world: int = 1) -> tuple[int, int]:
     """``(online, offline)`` rows of one learner batch: ``replay.offline_fraction`` of it from
-    the offline table when one is configured, at least one row from the online table."""
-    n = cfg.learner.batch_size
+    the offline table when one is configured, at least one row from the online table. With
+    ``world`` data-parallel learners, the share of one of them (``batch_size / world`` rows)."""
+    n = cfg.learner.batch_size // world
     offline = min(round(n * cfg.replay.offline_fraction), n - 1) if cfg.replay.offline_files else 0
     return n - offline, offline
 

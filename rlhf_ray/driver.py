@@ -112,16 +112,28 @@ def check_resources(cfg: Config) -> None:
 
     total = ray.cluster_resources()
     roles = [("generator", cfg.generator), ("scorer", cfg.scorer), ("learner", cfg.learner)]
-    for resource, attr in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+
+    def amount(role, resource: str) -> float:
+        if resource == "CPU":
+            return role.num_cpus
+        if resource == "GPU":
+            return role.num_gpus
+        return role.resources.get(resource, 0.0)
+
+    custom = sorted({name for _, role in roles for name in role.resources})
+    for resource in ("CPU", "GPU", *custom):
         have = total.get(resource, 0.0)
-        need = sum(role.num * getattr(role, attr) for _, role in roles)
+        need = sum(role.num * amount(role, resource) for _, role in roles)
         for name, role in roles:
-            if getattr(role, attr) > have:
+            each = amount(role, resource)
+            if each > have:
+                key = {"CPU": "num_cpus", "GPU": "num_gpus"}.get(resource,
+                                                                 f"resources.{resource}")
                 raise RuntimeError(
-                    f"{name}.{attr}={getattr(role, attr)} but the cluster has {have:g} {resource}"
+                    f"{name}.{key}={each} but the cluster has {have:g} {resource}"
                 )
         if need > have:
-            parts = ", ".join(f"{n}: {r.num} x {getattr(r, attr):g}" for n, r in roles)
+            parts = ", ".join(f"{n}: {r.num} x {amount(r, resource):g}" for n, r in roles)
             raise RuntimeError(
                 f"the config asks for {need:g} {resource} ({parts}) but the cluster has {have:g}"
             )
@@ -132,10 +144,16 @@ class System:
     generators: list
     scorers: list
     shards: list
-    learner: object
+    learners: list  # rank 0 first
     weight_store: object
     replay: object  # ReplayClient of the online table
     offline_shards: list = field(default_factory=list)
+    placement_group: object = None  # of the learners, when there are several
+
+    @property
+    def learner(self):
+        """Rank 0: it publishes, checkpoints and reports the step's metrics."""
+        return self.learners[0]
 
     def shutdown(self) -> None:
         """Kills this run's actors (a driver that lives on, e.g. a test session, gets its CPUs
@@ -143,8 +161,10 @@ class System:
         import ray
 
         for actor in [*self.generators, *self.scorers, *self.shards, *self.offline_shards,
-                      self.learner, self.weight_store]:
+                      *self.learners, self.weight_store]:
             ray.kill(actor)
+        if self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)
 
 
 def start_shards(cfg: Config, table: str, run_dir: Path | None) -> list:
@@ -175,7 +195,7 @@ def build_system(cfg: Config, run_dir: Path | None = None) -> System:
     import ray
 
     from rlhf_ray.generation.generator import Generator
-    from rlhf_ray.learner.learner import Learner, make_replay_client
+    from rlhf_ray.learner.learner import make_replay_client
     from rlhf_ray.models.builtin import resolve_model_path
     from rlhf_ray.scoring.scorer import RewardScorer
     from rlhf_ray.weights.store import WeightStore
@@ -192,19 +212,23 @@ def build_system(cfg: Config, run_dir: Path | None = None) -> System:
     # dedup by uid; a restarted generator pulls the newest weights before its next request
     restart = {"max_restarts": cfg.run.max_restarts, "max_task_retries": cfg.run.max_restarts}
     generators = [
-        ray.remote(Generator).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus, **restart)
+        ray.remote(Generator).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus,
+                                      resources=dict(g.resources), **restart)
         .remote(cfg, i, store) for i in range(g.num)
     ]
     scorers = [
-        ray.remote(RewardScorer).options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, **restart)
+        ray.remote(RewardScorer).options(num_cpus=s.num_cpus, num_gpus=s.num_gpus,
+                                         resources=dict(s.resources), **restart)
         .remote(cfg, i, replay) for i in range(s.num)
     ]
-    learner = ray.remote(Learner).options(num_cpus=lr.num_cpus, num_gpus=lr.num_gpus).remote(
-        cfg, shards, store, offline_shards
-    )
+    learners, group = _start_learners(cfg, shards, store, offline_shards)
     # surface construction errors (bad reward spec, missing model) before the loop starts
-    ray.get([a.version.remote() for a in generators] + [learner.get_version.remote()])
+    ray.get([a.version.remote() for a in generators]
+            + [learner.get_version.remote() for learner in learners])
     ray.get([sc.__ray_ready__.remote() for sc in scorers])
+    if len(learners) > 1:
+        address, port = ray.get(learners[0].rendezvous.remote())
+        ray.get([learner.join.remote(address, port) for learner in learners])
     if offline_shards:
         from rlhf_ray.replay.offline import load_offline_rows
 
@@ -212,7 +236,45 @@ def build_system(cfg: Config, run_dir: Path | None = None) -> System:
         table = load_offline_rows(cfg, scorers[0])
         loaded = make_replay_client(cfg, offline_shards, 1).insert(table)
         log.info("offline table: %d rows from %s", loaded, ", ".join(cfg.replay.offline_files))
-    return System(generators, scorers, shards, learner, store, replay, offline_shards)
+    return System(generators, scorers, shards, learners, store, replay, offline_shards, group)
+
+
+def _start_learners(cfg: Config, shards: list, store, offline_shards: list):
+    """The learner actors; several share a placement group (``learner.placement``), so a
+    cluster that cannot hold them all is an error here rather than a silent wait."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from rlhf_ray.learner.learner import Learner
+
+    lr = cfg.learner
+    need = {"CPU": lr.num_cpus, "GPU": lr.num_gpus, **lr.resources}
+    need = {k: v for k, v in need.items() if v > 0}
+    group = None
+    if lr.num > 1:
+        group = ray.util.placement_group([dict(need) for _ in range(lr.num)],
+                                         strategy=lr.placement)
+        try:
+            ray.get(group.ready(), timeout=_PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(group)
+            raise RuntimeError(
+                f"learner: the cluster cannot place {lr.num} learners with {need} each "
+                f"(learner.placement={lr.placement}) within {_PLACEMENT_TIMEOUT_S:.0f}s"
+            ) from None
+    learners = []
+    for rank in range(lr.num):
+        options = {"num_cpus": lr.num_cpus, "num_gpus": lr.num_gpus,
+                   "resources": dict(lr.resources)}
+        if group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=rank)
+        learners.append(ray.remote(Learner).options(**options).remote(
+            cfg, shards, store, offline_shards, rank, lr.num))
+    return learners, group
+
+
+_PLACEMENT_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -364,7 +426,7 @@ class Trainer:
         tags = checkpoint.shard_tags_to_keep(self.run_dir, keep)
         saves = [s.checkpoint.remote(checkpoint.tag(self.step), tags)
                  for s in [*system.shards, *system.offline_shards] if self.cfg.replay.durable]
-        self._learn_result(system.learner.save.remote(str(tmp / "learner")))
+        self._learn_result(self._learn(system, "save", str(tmp / "learner")))
         ray.get(saves)
         final = checkpoint.commit(self.run_dir, self.step, tmp, self.driver_state(), keep)
         log.info("checkpoint %s in %.1fs", final.name, time.perf_counter() - t0)
@@ -390,7 +452,7 @@ class Trainer:
         dropped = checkpoint.truncate_metrics(self.run_dir, self.step)
         system = build_system(self.cfg, self.run_dir)
         if found is not None:
-            ray.get(system.learner.load.remote(str(found[1] / "learner")))
+            self._learn_result(self._learn(system, "load", str(found[1] / "learner")))
         log.info("continuing from %s (%d metric rows after it are redone)",
                  found[1].name if found else "the start (no checkpoint yet)", dropped)
         return system
@@ -515,14 +577,35 @@ class Trainer:
     def _done(self, kind: str, idx, what: str) -> None:
         self._activity[_role(kind, idx)] = (time.perf_counter(), what)
 
-    def _learn_result(self, ref) -> dict:
-        import ray
-        from ray.exceptions import RayActorError
+    def _learn(self, system: System, method: str = "step", *args):
+        """Calls ``method`` on every learner; returns rank 0's ref (the others' are kept for
+        ``_learn_result``)."""
+        refs = [getattr(learner, method).remote(*args) for learner in system.learners]
+        self._follower_refs = refs[1:]
+        return refs[0]
 
+    def _learn_result(self, ref):
+        """Rank 0's result once every learner has finished; a dead learner (of any rank: the
+        others then fail in their collectives) is ``LearnerDied``."""
+        import ray
+        from ray.exceptions import RayActorError, RayError
+
+        followers, self._follower_refs = getattr(self, "_follower_refs", []), []
         try:
-            return ray.get(ref)
+            result = ray.get(ref)
+            ray.get(followers)
+            return result
         except RayActorError as e:
             raise LearnerDied(str(e)) from e
+        except RayError:
+            for other in followers:
+                try:
+                    ray.get(other, timeout=self.cfg.learner.dist_timeout_s)
+                except RayActorError as e:
+                    raise LearnerDied(str(e)) from e
+                except RayError:
+                    pass
+            raise
 
     # -- the loops -------------------------------------------------------------------------------
     def _async_loop(self, system: System):
@@ -592,7 +675,7 @@ class Trainer:
 
         for i in range(len(system.generators)):
             maybe_generate(i)
-        pending[system.learner.step.remote()] = ("learn", 0, time.perf_counter())
+        pending[self._learn(system)] = ("learn", 0, time.perf_counter())
         while self.step < cfg.run.steps:
             ref = self._wait(pending)
             metrics = handle(ref)
@@ -614,7 +697,7 @@ class Trainer:
                     self._checkpoint(system)
                     idle_generators.update(range(len(system.generators)))
                 if self.step < cfg.run.steps:
-                    pending[system.learner.step.remote()] = ("learn", 0, time.perf_counter())
+                    pending[self._learn(system)] = ("learn", 0, time.perf_counter())
             # generators whose last request was handed on get a new one when the budget allows
             for i in sorted(idle_generators):
                 busy = any(v[0] == "generate" and v[1] == i for v in pending.values())
@@ -649,7 +732,7 @@ class Trainer:
                     self._count(report)
                     self._quarantine_log(report)
                     self.samples_scored += report.inserted
-            ref = system.learner.step.remote()
+            ref = self._learn(system)
             self._wait({ref: ("learn", 0, time.perf_counter())})
             metrics = self._learn_result(ref)
             self.step += 1

@@ -1,6 +1,7 @@
 """The tiny preset end to end on the session's real local Ray cluster."""
 
 import json
+import math
 
 import pytest
 
@@ -103,3 +104,25 @@ def test_a_run_directory_that_is_not_empty_is_refused(tmp_path):
     (tmp_path / "r" / "replay").mkdir(parents=True)  # e.g. left by a run that failed at start
     with pytest.raises(FileExistsError, match="not empty"):
         make_run_dir(cfg)
+
+
+def test_tiny_run_with_two_learners_and_two_generators(ray_cluster, tmp_path):
+    """learner.num=2 (one gloo group, each drawing half the batch) beside 2 generators, on the
+    test cluster's 4 CPUs; the run finishes, rank 0 publishes every step, and a checkpoint
+    restores both ranks."""
+    steps = 4
+    cfg = load_config(preset="tiny", overrides=[
+        f"run.output_dir={tmp_path}", "run.name=dp", f"run.steps={steps}",
+        "learner.num=2", "generator.num=2", "generator.num_cpus=0.5", "scorer.num_cpus=0.5",
+        "learner.num_cpus=0.5", "run.checkpoint_every=2",
+    ])
+    run_dir = train(cfg)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert [r["weights/version"] for r in records] == list(range(1, steps + 1))
+    assert all(r["learner/rows"] == 4 for r in records)  # rank 0's half of 8
+    assert all(math.isfinite(r["policy/loss"]) for r in records)
+    final = run_dir / "checkpoints" / "step-00000004" / "learner"
+    assert (final / "adapter_state.safetensors").is_file() and (final / "rank-1.json").is_file()
+    account = json.loads((run_dir / "accounting.json").read_text())
+    assert account["samples"]["unaccounted"] == 0

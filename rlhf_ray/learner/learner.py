@@ -30,35 +30,74 @@ def make_replay_client(cfg: Config, shards: list, seed_offset: int = 0):
 
 
 class Learner:
+    """One learner; with ``learner.num = L`` it is rank ``rank`` of L data-parallel learners
+    (see ``distributed.py``): each draws ``batch_size / L`` rows, rank 0 publishes."""
+
     def __init__(self, cfg: Config, replay_shards: list, weight_store=None,
-                 offline_shards: list | None = None):
+                 offline_shards: list | None = None, rank: int = 0, world: int = 1):
         torch.set_num_threads(cfg.learner.torch_threads)
         from rlhf_ray.learner.ppo import PPOTrainer
 
         self.cfg = cfg
+        self.rank, self.world = rank, world
         self.trainer = PPOTrainer(cfg)
-        self.replay = make_replay_client(cfg, replay_shards)
-        self.offline = make_replay_client(cfg, offline_shards, 1) if offline_shards else None
-        self.weight_store = weight_store
+        # ranks draw with different random streams (the same stream would pick the same rows)
+        self.replay = make_replay_client(cfg, replay_shards, 7919 * rank)
+        self.offline = (make_replay_client(cfg, offline_shards, 1 + 7919 * rank)
+                        if offline_shards else None)
+        self.weight_store = weight_store if rank == 0 else None
         self.version = 0  # the last published version; generators serve it
         self.publish_failures = 0
 
+    # -- data parallel ---------------------------------------------------------------------
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: the address the group meets at."""
+        from rlhf_ray.learner.distributed import rendezvous_address
+
+        return rendezvous_address()
+
+    def join(self, address: str, port: int) -> int:
+        from rlhf_ray.learner.distributed import DataParallel
+
+        backend = "nccl" if self.cfg.learner.num_gpus > 0 else "gloo"
+        self.trainer.dp = DataParallel(self.rank, self.world, address, port, backend=backend,
+                                       timeout_s=self.cfg.learner.dist_timeout_s)
+        return self.rank
+
     def _draw(self, client, n: int, beta: float):
-        """Waits until ``n`` rows are servable, then samples them."""
-        from rlhf_ray.replay.client import RateLimitTimeout
+        """Waits until ``n`` rows are servable, then samples them. Several learners draw from
+        one buffer at once, so a sample can come back short (another rank took rows between
+        the wait and the sample); the rest is drawn again. The parts' importance weights are
+        each normalized by their own maximum, and a row may then appear twice in a batch (when
+        ``replay.max_times_sampled`` allows it)."""
+        import numpy as np
+        import pyarrow as pa
+
+        from rlhf_ray.replay.client import RateLimitTimeout, SampledBatch
 
         timeout = self.cfg.replay.sample_timeout_s
-        if not client.wait_for(n, self.version, timeout):
-            eligible = client.num_eligible(self.version)
-            servable = client.num_servable(self.version)
-            limited = (" (the rate limiter holds back the rest: fewer rows were inserted than "
-                       "replay.samples_per_insert needs)" if servable < min(eligible, n) else "")
-            raise RateLimitTimeout(
-                f"learner waited {timeout:.0f}s for {n} servable rows at version "
-                f"{self.version}: {eligible} eligible, {servable} servable{limited}; the "
-                "generators/scorers are stalled or too slow (see rollout/ and reward/ metrics)"
-            )
-        return client.sample_batch(n, self.version, beta)
+        parts, need = [], n
+        while need > 0:
+            if not client.wait_for(need, self.version, timeout):
+                eligible = client.num_eligible(self.version)
+                servable = client.num_servable(self.version)
+                limited = (" (the rate limiter holds back the rest: fewer rows were inserted "
+                           "than replay.samples_per_insert needs)"
+                           if servable < min(eligible, need) else "")
+                raise RateLimitTimeout(
+                    f"learner waited {timeout:.0f}s for {need} servable rows at version "
+                    f"{self.version}: {eligible} eligible, {servable} servable{limited}; the "
+                    "generators/scorers are stalled or too slow (see rollout/ and reward/ "
+                    "metrics)"
+                )
+            part = client.sample_batch(need, self.version, beta)
+            parts.append(part)
+            need -= part.table.num_rows
+        if len(parts) == 1:
+            return parts[0]
+        return SampledBatch(pa.concat_tables([p.table for p in parts]),
+                            np.concatenate([p.probabilities for p in parts]),
+                            np.concatenate([p.weights for p in parts]), parts[0].num_eligible)
 
     def step(self) -> dict:
         import numpy as np
@@ -69,7 +108,7 @@ class Learner:
         from rlhf_ray.weights.store import publish, state_nbytes
 
         cfg = self.cfg
-        n_on, n_off = batch_split(cfg)
+        n_on, n_off = batch_split(cfg, self.world)
         beta = annealed_beta(cfg.replay.priority_beta, self.trainer.version, cfg.run.steps)
         start = time.perf_counter()
         parts = [self._draw(self.replay, n_on, beta)]
@@ -100,8 +139,11 @@ class Learner:
         # staleness against the published version the generators were serving
         versions = online.table.column("policy_version").to_numpy()
         metrics["learner/staleness_mean"] = float(np.mean(self.version - versions))
-        # publish the new adapter; a failed publish keeps the old version for the generators
-        if self.weight_store is not None:
+        # rank 0 publishes the new adapter; a failed publish keeps the old version for the
+        # generators
+        if self.world > 1 and self.rank > 0:
+            self.version = self.trainer.version
+        elif self.weight_store is not None:
             state = self.trainer.adapter_state()
             t0 = time.perf_counter()
             try:
@@ -123,9 +165,17 @@ class Learner:
     def save(self, path: str) -> str:
         """The trainer's state (see ``PPOTrainer.save``) plus the published version, the
         publish failures and the random state of the learner's replay clients."""
+        import json
+        from pathlib import Path
+
+        rngs = {"replay_rng": self.replay.rng_state(),
+                "offline_rng": self.offline.rng_state() if self.offline else None}
+        if self.rank > 0:  # the weights and optimizer are rank 0's; only the streams differ
+            Path(path).mkdir(parents=True, exist_ok=True)
+            (Path(path) / f"rank-{self.rank}.json").write_text(json.dumps(rngs))
+            return path
         extra = {"published_version": self.version, "publish_failures": self.publish_failures,
-                 "replay_rng": self.replay.rng_state(),
-                 "offline_rng": self.offline.rng_state() if self.offline else None}
+                 **rngs}
         self.trainer.save(path, extra)
         return path
 
@@ -134,9 +184,17 @@ class Learner:
         weight store of a resumed run starts below it), so generators serve it next."""
         from rlhf_ray.weights.store import publish
 
+        import json
+        from pathlib import Path
+
         extra = self.trainer.load(path)
         self.version = int(extra["published_version"])
         self.publish_failures = int(extra["publish_failures"])
+        if self.rank > 0:
+            own = Path(path) / f"rank-{self.rank}.json"
+            # a run resumed with more learners: the new ranks keep their fresh streams
+            extra = json.loads(own.read_text()) if own.is_file() else {
+                "replay_rng": self.replay.rng_state(), "offline_rng": None}
         self.replay.load_rng_state(extra["replay_rng"])
         if self.offline is not None and extra.get("offline_rng") is not None:
             self.offline.load_rng_state(extra["offline_rng"])

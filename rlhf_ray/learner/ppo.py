@@ -144,6 +144,7 @@ class PPOTrainer:
             )
         self.version = 0  # completed updates
         self.skipped_updates = 0
+        self.dp = None  # a DataParallel group when several learners share each update
         self._shuffle = torch.Generator().manual_seed(cfg.run.seed)
 
     # -- passes ------------------------------------------------------------------------------
@@ -198,8 +199,22 @@ class PPOTrainer:
             advantages = (batch.group_advantage[:, None] - coef * kl_to_go) * mask
             returns = None
         if a.whiten_advantages:
-            advantages = adv_fns.masked_whiten(advantages, mask)
+            advantages = self._whiten(advantages, mask)
         return advantages, returns, kl
+
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``masked_whiten`` over the whole batch, all learner ranks together."""
+        if self.dp is None:
+            return adv_fns.masked_whiten(x, mask)
+        valid = mask.bool()
+        x = torch.where(valid, x, 0.0)
+        n = self.dp.sum_scalar(float(valid.sum()))
+        if n == 0:
+            return torch.zeros_like(x)
+        mean = self.dp.sum_scalar(float(x.sum())) / n
+        # population variance, as masked_var
+        var = self.dp.sum_scalar(float(((x - mean) ** 2 * valid).sum())) / n
+        return torch.where(valid, (x - mean) * (var + 1e-8) ** -0.5, 0.0)
 
     # -- one batch ---------------------------------------------------------------------------
     def train_on(self, table: pa.Table) -> dict[str, float]:
@@ -222,10 +237,15 @@ class PPOTrainer:
                 rows = order[m * minibatch_size : (m + 1) * minibatch_size]
                 self._optimizer_step(batch, rows, advantages, returns, values, proximal, sums)
         if a.kl_mode == "loss":
-            used_kl = sums.get("kl_loss_term", 0.0) / max(sums.get("tokens", 1.0), 1.0)
+            kl_sum, kl_count = sums.get("kl_loss_term", 0.0), sums.get("tokens", 0.0)
         else:
-            used_kl = float((kl.sum(-1)).mean())  # per sequence, as it entered the rewards
-        self.kl_ctl.update(used_kl, len(batch))
+            kl_sum, kl_count = float(kl.sum()), float(len(batch))  # per sequence, as in rewards
+        rows_total = float(len(batch))
+        if self.dp is not None:  # every rank's controller sees the whole batch's KL
+            kl_sum, kl_count = self.dp.sum_scalar(kl_sum), self.dp.sum_scalar(kl_count)
+            rows_total = self.dp.sum_scalar(rows_total)
+        used_kl = kl_sum / max(kl_count, 1.0)
+        self.kl_ctl.update(used_kl, int(rows_total))
         row_tokens = batch.mask.sum(-1).clamp(min=1.0)
         abs_adv = (advantages.abs() * batch.mask).sum(-1) / row_tokens
         self.row_priorities = (abs_adv * torch.exp(-self._row_drift)).tolist()
@@ -254,6 +274,8 @@ class PPOTrainer:
     def _optimizer_step(self, batch, rows, advantages, returns, values, proximal, sums) -> None:
         cfg, a = self.cfg, self.cfg.algorithm
         total_tokens = float(batch.mask[rows].sum())
+        if self.dp is not None:  # token-mean over the minibatch of every rank
+            total_tokens = self.dp.sum_scalar(total_tokens)
         step_loss = 0.0
         for s in chunks(len(rows), cfg.learner.micro_batch_size):
             idx = rows[s]
@@ -305,6 +327,9 @@ class PPOTrainer:
                     _acc(sums, key, float(stats[key]) * n_tok)
             _acc(sums, "tokens", n_tok)
         params = self.policy.trainable_parameters()
+        if self.dp is not None:  # the sum over ranks is the gradient of the whole minibatch
+            self.dp.sum_grads(params)
+            step_loss = self.dp.sum_scalar(step_loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.max_grad_norm or 1e9)
         if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
             # a NaN/inf update is skipped and reported; the weights stay as they were
