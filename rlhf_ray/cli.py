@@ -174,6 +174,15 @@ def _buffer_export(args) -> int:
     return 0
 
 
+def _ray_connection_errors() -> tuple:
+    """Ray's errors for a cluster that refuses the driver (a missing or wrong token)."""
+    try:
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return ()
+    return (AuthenticationError,)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     clean = (ConfigError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError,
-             IsADirectoryError, ValueError, TimeoutError)
+             IsADirectoryError, ValueError, TimeoutError, *_ray_connection_errors())
     try:
         return args.func(args)
     except Exception as e:

@@ -76,6 +76,9 @@ class GeneratorConfig:
     resources: Dict[str, float] = field(default_factory=dict)
     """Custom Ray resources per generator actor (e.g. {generator_node: 1} to pin generators to
     a worker group that advertises it)."""
+    label_selector: Dict[str, str] = field(default_factory=dict)
+    """Node labels a generator actor must run on (Ray's label_selector, e.g.
+    {ray.io/accelerator-type: A100})."""
     torch_threads: int = 1
     prompts_per_request: int = 8
     """Prompts in one generate call; each yields `n_samples` responses."""
@@ -97,6 +100,8 @@ class ScorerConfig:
     num_gpus: float = 0.0
     resources: Dict[str, float] = field(default_factory=dict)
     """Custom Ray resources per scorer actor."""
+    label_selector: Dict[str, str] = field(default_factory=dict)
+    """Node labels a scorer actor must run on (Ray's label_selector)."""
     torch_threads: int = 1
     reward: str = "vader"
     """Builtin reward fn (`vader`, `letter-e`), a Python callable `module:function` (runs that code),
@@ -157,7 +162,7 @@ class ReplayConfig:
 @dataclass
 class LearnerConfig:
     num: int = 1
-    """Data-parallel learner actors, one torch.distributed group (gloo on CPU, NCCL on GPU):
+    """Data-parallel learner actors, one torch.distributed group (gloo; the models run on CPU):
     each draws batch_size / num rows, gradients are summed with token-mean weights over the
     whole batch, rank 0 publishes and checkpoints."""
     num_cpus: float = 1.0
@@ -165,6 +170,9 @@ class LearnerConfig:
     resources: Dict[str, float] = field(default_factory=dict)
     """Custom Ray resources per learner actor (e.g. {learner_node: 1} to pin learners to a
     worker group that advertises it)."""
+    label_selector: Dict[str, str] = field(default_factory=dict)
+    """Node labels a learner actor must run on (Ray's label_selector; per bundle with
+    num > 1)."""
     placement: str = "PACK"
     """With num > 1: the placement-group strategy of the learners' bundles (PACK, SPREAD,
     STRICT_PACK, STRICT_SPREAD)."""

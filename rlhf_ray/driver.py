@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ _SUMMED = ("rollout/prompts", "rollout/prompts_truncated", "rollout/prompts_drop
 
 def make_run_dir(cfg: Config) -> Path:
     name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.run.output_dir) / name
+    # absolute: actors on other nodes (or in other working directories) get this path
+    run_dir = Path(cfg.run.output_dir).absolute() / name
     if run_dir.exists() and any(run_dir.iterdir()):
         # also a run that failed at start: its replay/ logs would be reopened by the new run
         raise FileExistsError(
@@ -95,6 +97,10 @@ def init_ray(cfg: Config):
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return ray
+    # inside a submitted Ray job, the job's own env_vars win: Ray refuses a driver runtime env
+    # that sets one of them again
+    job_env = _job_env_vars()
+    env = {k: v for k, v in env.items() if k not in job_env}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
@@ -104,6 +110,17 @@ def init_ray(cfg: Config):
         ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env},
                  log_to_driver=True)
     return ray
+
+
+def _job_env_vars() -> dict:
+    """The env_vars of the runtime env of the Ray job this driver runs as (empty outside one)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        return dict(json.loads(raw).get("runtime_env", {}).get("env_vars", {}) or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 def check_resources(cfg: Config) -> None:
@@ -136,6 +153,16 @@ def check_resources(cfg: Config) -> None:
             parts = ", ".join(f"{n}: {r.num} x {amount(r, resource):g}" for n, r in roles)
             raise RuntimeError(
                 f"the config asks for {need:g} {resource} ({parts}) but the cluster has {have:g}"
+            )
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    for name, role in roles:
+        wanted = dict(role.label_selector)
+        # plain values only: selectors with operators (!, in(...)) are left to Ray
+        plain = {k: v for k, v in wanted.items() if not re.match(r"^(!|in\(|!in\()", str(v))}
+        if plain and not any(all(n.get("Labels", {}).get(k) == v for k, v in plain.items())
+                             for n in nodes):
+            raise RuntimeError(
+                f"{name}.label_selector={wanted}: no node of the cluster has these labels"
             )
 
 
@@ -213,12 +240,12 @@ def build_system(cfg: Config, run_dir: Path | None = None) -> System:
     restart = {"max_restarts": cfg.run.max_restarts, "max_task_retries": cfg.run.max_restarts}
     generators = [
         ray.remote(Generator).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus,
-                                      resources=dict(g.resources), **restart)
+                                      **_placement(g), **restart)
         .remote(cfg, i, store) for i in range(g.num)
     ]
     scorers = [
         ray.remote(RewardScorer).options(num_cpus=s.num_cpus, num_gpus=s.num_gpus,
-                                         resources=dict(s.resources), **restart)
+                                         **_placement(s), **restart)
         .remote(cfg, i, replay) for i in range(s.num)
     ]
     learners, group = _start_learners(cfg, shards, store, offline_shards)
@@ -252,8 +279,9 @@ def _start_learners(cfg: Config, shards: list, store, offline_shards: list):
     need = {k: v for k, v in need.items() if v > 0}
     group = None
     if lr.num > 1:
+        labels = [dict(lr.label_selector) for _ in range(lr.num)] if lr.label_selector else None
         group = ray.util.placement_group([dict(need) for _ in range(lr.num)],
-                                         strategy=lr.placement)
+                                         strategy=lr.placement, bundle_label_selector=labels)
         try:
             ray.get(group.ready(), timeout=_PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
@@ -264,9 +292,9 @@ def _start_learners(cfg: Config, shards: list, store, offline_shards: list):
             ) from None
     learners = []
     for rank in range(lr.num):
-        options = {"num_cpus": lr.num_cpus, "num_gpus": lr.num_gpus,
-                   "resources": dict(lr.resources)}
+        options = {"num_cpus": lr.num_cpus, "num_gpus": lr.num_gpus, **_placement(lr)}
         if group is not None:
+            options.pop("label_selector", None)  # the bundles carry it
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=rank)
         learners.append(ray.remote(Learner).options(**options).remote(
@@ -275,6 +303,14 @@ def _start_learners(cfg: Config, shards: list, store, offline_shards: list):
 
 
 _PLACEMENT_TIMEOUT_S = 60.0
+
+
+def _placement(role) -> dict:
+    """The custom resources and node labels of a role's actors, as Ray actor options."""
+    out: dict = {"resources": dict(role.resources)}
+    if role.label_selector:
+        out["label_selector"] = dict(role.label_selector)
+    return out
 
 
 @dataclass
@@ -353,7 +389,7 @@ class Trainer:
             if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
                 raise FileNotFoundError(f"cannot resume {run_dir}: not a run directory "
                                         "(no config.yaml)")
-            self.run_dir = Path(run_dir)
+            self.run_dir = Path(run_dir).absolute()
         else:
             self.run_dir = run_dir or make_run_dir(cfg)  # only once the inputs are known good
         self.system: System | None = None

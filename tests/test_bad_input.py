@@ -13,6 +13,10 @@ from rlhf_ray.driver import Trainer, check_resources
 @pytest.mark.parametrize("overrides, message", [
     (["learner.num_cpus=64"], r"learner.num_cpus=64.0 but the cluster has 4 CPU"),
     (["generator.num_gpus=1"], r"generator.num_gpus=1.0 but the cluster has 0 GPU"),
+    (["generator.resources={generator_node: 1}"],
+     r"generator.resources.generator_node=1.0 but the cluster has 0 generator_node"),
+    (["learner.label_selector={zone: moon}"],
+     r"learner.label_selector=\{'zone': 'moon'\}: no node of the cluster has these labels"),
     (["generator.num=3", "generator.num_cpus=2"],
      r"asks for 8 CPU \(generator: 3 x 2, scorer: 1 x 1, learner: 1 x 1\) but the cluster "
      r"has 4"),

@@ -4,7 +4,8 @@ The head advertises 2 CPUs and runs the dashboard (the Jobs API lives there) on 
 second node advertises 2 CPUs and the custom resource the manifests in deploy/ give generator
 nodes. The tiny preset asks for 3 CPUs (generator, scorer, learner: one each), more than either
 node has, so its job can only pass if the driver joined the cluster through RAY_ADDRESS (which
-Ray sets for a job's driver) and the actors were spread over both nodes.
+Ray sets for a job's driver) and the actors were spread over both nodes; the generator asks for
+the custom resource, and the test checks it ran on the second node.
 
 The cluster gets its own token (a file under its own temp dir, RAY_AUTH_MODE=token) and is
 stopped by killing the processes that carry its temp dir on their command line, never with
@@ -61,6 +62,11 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def _mark(root: Path) -> str:
+    """What every process of the cluster has on its command line: its temp dir (as a folder)."""
+    return str(root) + os.sep
 
 
 def _processes_of(mark: str) -> list:
@@ -153,7 +159,7 @@ def local_cluster():
         print(f"\nhead started in {t1 - t0:.1f}s, worker in {time.perf_counter() - t1:.1f}s")
         yield Cluster(root, f"http://127.0.0.1:{dashboard}", token, env)
     finally:
-        _stop(str(root))
+        _stop(_mark(root))
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -169,6 +175,13 @@ def _wait_for_nodes(cluster: Cluster, timeout: float = 120) -> list[dict]:
                 return alive
         time.sleep(2)
     raise AssertionError(f"the two nodes did not come up in {timeout}s: {nodes}")
+
+
+def _actors(cluster: Cluster) -> list[dict]:
+    status, body = _get(f"{cluster.dashboard_url}/api/v0/actors?limit=1000&detail=1",
+                        cluster.headers)
+    assert status == 200, body
+    return json.loads(body)["data"]["result"]["result"]
 
 
 def _submit(client, timeout: float = 120, **kwargs) -> str:
@@ -221,8 +234,9 @@ def test_tiny_job_on_a_two_node_cluster_with_token_auth(ray_cluster):
         t_job = time.perf_counter()
         job_id = _submit(
             client,
+            # the generator is pinned to the second node by its custom resource
             entrypoint=f"rlhf-ray train --preset tiny run.output_dir={out} run.name=job "
-                       "run.steps=3 run.progress=false",
+                       f"run.steps=3 run.progress=false generator.resources.{GENERATOR_RESOURCE}=1",
             # the driver's ray.init brings env_vars of its own (HF_HUB_OFFLINE among them when
             # set); RAY_OVERRIDE_JOB_RUNTIME_ENV lets Ray merge the two instead of failing
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}},
@@ -237,6 +251,13 @@ def test_tiny_job_on_a_two_node_cluster_with_token_auth(ray_cluster):
         rollout_rewards = [r["reward/mean"] for r in records if "reward/mean" in r]
         assert rollout_rewards and all(math.isfinite(x) for x in rollout_rewards)
         assert f"run directory: {run_dir}" in client.get_job_logs(job_id)
+        worker = next(n["node_id"] for n in nodes if GENERATOR_RESOURCE in n["resources_total"])
+        actors = _actors(cluster)
+        generators = [a for a in actors if a["class_name"] == "Generator"]
+        assert generators and all(a["node_id"] == worker for a in generators), generators
+        # and the run used both nodes (3 CPUs' worth of actors, 2 CPUs per node)
+        assert len({a["node_id"] for a in actors if a["class_name"] in (
+            "Generator", "RewardScorer", "Learner")}) == 2, actors
 
         # deploy/submit.sh against the same cluster: address and token from the environment,
         # this repository uploaded as the working dir, the arguments passed to `rlhf-ray train`.
@@ -251,8 +272,7 @@ def test_tiny_job_on_a_two_node_cluster_with_token_auth(ray_cluster):
         assert "rlhf-ray: error: run.steps=0: must be > 0" in output, output
         print(f"submit.sh round trip in {time.perf_counter() - t_sh:.1f}s")
 
-        mark = str(cluster.root)
-    assert _processes_of(mark) == [], "processes of the test's cluster outlived it"
+    assert _processes_of(_mark(cluster.root)) == [], "processes of the test's cluster outlived it"
     # the session's own cluster was left alone
     assert ray_cluster.get(ray_cluster.remote(num_cpus=0)(lambda: 42).remote(), timeout=120) == 42
     print(f"total {time.perf_counter() - t_start:.1f}s")

@@ -2,5 +2,6 @@
 
 ``kl`` holds the KL estimators and coefficient controllers, ``advantages`` the masked statistics,
 token rewards, GAE and group baselines, ``ppo`` the policy and value losses and the token-mean
-aggregation. The learner imports the functions from those modules directly.
+aggregation, ``preference`` the offline preference losses (DPO, IPO) and sequence log-probs.
+The learner imports the functions from those modules directly.
 """

@@ -1,1 +1,1 @@
-"""Prompt datasets, the held-out split and the prompt cursor."""
+"""Prompt datasets, the held-out split and the prompt cursor; preference pairs for DPO/IPO."""

@@ -69,6 +69,22 @@ def tiny_counting(n: int = 48) -> list[PromptRecord]:
     ]
 
 
+def parse_jsonl_line(raw: bytes, where: str) -> dict:
+    """The JSON object on one raw line; a line that is not UTF-8, not JSON or not an object
+    raises DataError starting with ``where``."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def iter_jsonl_objects(path: Path):
     """Yields ``(line_no, where, obj)`` for each non-blank line of a JSONL file, where ``where``
     is ``"file:line"``; a line that is not UTF-8, not JSON or not an object raises DataError."""
@@ -77,17 +93,7 @@ def iter_jsonl_objects(path: Path):
             if not raw.strip():
                 continue
             where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from None
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield line_no, where, obj
+            yield line_no, where, parse_jsonl_line(raw, where)
 
 
 def _read_jsonl(path: Path, field: str) -> list[PromptRecord]:

@@ -7,8 +7,9 @@ the union (case C12). Clipping, the NaN check and the optimizer step then run on
 gradients on every rank, and the weights stay identical without a broadcast. Rank 0 publishes
 the adapter and writes checkpoints.
 
-Backend: gloo on CPU, NCCL when the learners have GPUs. Rank 0's actor picks the address (its
-node's IP and a free port); the driver hands it to every rank.
+Backend: gloo (the models run on the CPU in this build; ``backend`` takes "nccl" for CUDA
+tensors). Rank 0's actor picks the address (its node's IP and a free port); the driver hands it
+to every rank.
 """
 
 from __future__ import annotations

@@ -59,8 +59,8 @@ class Learner:
     def join(self, address: str, port: int) -> int:
         from rlhf_ray.learner.distributed import DataParallel
 
-        backend = "nccl" if self.cfg.learner.num_gpus > 0 else "gloo"
-        self.trainer.dp = DataParallel(self.rank, self.world, address, port, backend=backend,
+        # the models stay on the CPU in this build (num_gpus only reserves a GPU), so gloo
+        self.trainer.dp = DataParallel(self.rank, self.world, address, port, backend="gloo",
                                        timeout_s=self.cfg.learner.dist_timeout_s)
         return self.rank
 
