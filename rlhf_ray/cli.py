@@ -2,6 +2,7 @@
 
     rlhf-ray train [--preset NAME] [--config FILE ...] [--sync] [--address ADDR] [key=value ...]
     rlhf-ray train --resume RUN_DIR [key=value ...]
+    rlhf-ray offline [--algo dpo|ipo] [--data FILE] [--preset NAME] [key=value ...]
     rlhf-ray eval RUN_DIR [--samples N] [--temperature T] [--top-p P] [--top-k K] [--limit N]
     rlhf-ray models [--prepare NAME]
     rlhf-ray presets
@@ -36,6 +37,23 @@ def _train(args) -> int:
     else:
         cfg = load_config(preset=args.preset, files=args.config or [], overrides=overrides)
         run_dir = train(cfg)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _offline(args) -> int:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.offline_driver import train_offline
+
+    overrides = list(args.overrides)
+    if args.algo:
+        overrides.append(f"offline.algo={args.algo}")
+    if args.data:
+        overrides.append(f"offline.data={args.data}")
+    if args.address:
+        overrides.append(f"run.ray_address={args.address}")
+    cfg = load_config(preset=args.preset, files=args.config or [], overrides=overrides)
+    run_dir = train_offline(cfg)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -197,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("offline", help="offline preference learning (DPO, IPO) from stored pairs")
+    p.add_argument("--algo", choices=["dpo", "ipo"], help="default: offline.algo (dpo)")
+    p.add_argument("--data", help="pairs: movie-review-preferences (builtin), a .jsonl or "
+                                  ".parquet of prompt/chosen/rejected, or a buffer export")
+    p.add_argument("--preset", default="default", help="named preset (`rlhf-ray presets`)")
+    p.add_argument("--config", action="append", help="YAML config file (repeatable)")
+    p.add_argument("--address", help="Ray cluster address (`auto` for `ray start --head`)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. offline.beta=0.2")
+    p.set_defaults(func=_offline)
+
     p = sub.add_parser("eval", help="trained adapter vs reference on held-out prompts")
     p.add_argument("run_dir")
     p.add_argument("--samples", type=int, help="responses per prompt per model")
@@ -234,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may also stand after flags (`train --sync run.steps=2`)
-    if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+    if args.command in ("train", "offline") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

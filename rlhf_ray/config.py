@@ -276,6 +276,40 @@ class RunConfig:
 
 
 @dataclass
+class OfflineConfig:
+    """`rlhf-ray offline`: learning from stored preference pairs, without rollouts."""
+
+    algo: str = "dpo"
+    """dpo | ipo (iql and cql are not implemented yet)."""
+    data: str = "movie-review-preferences"
+    """Preference pairs: the builtin `movie-review-preferences`, a .jsonl or .parquet file of
+    (prompt, chosen, rejected), or a replay-buffer export (`rlhf-ray buffer export`), paired best
+    against worst response of each prompt group."""
+    eval_fraction: float = 0.2
+    """Held-out share of a file's pairs, split by prompt (the builtin set has its own split)."""
+    beta: float = 0.1
+    """DPO: the implicit KL coefficient (implicit reward = beta * log pi/ref)."""
+    label_smoothing: float = 0.0
+    """DPO: cDPO's label-flip probability, in [0, 0.5)."""
+    ipo_tau: float = 0.1
+    """IPO: the margin target is 1 / (2 tau), on per-token mean log-ratios."""
+    max_bad_rows: int = 0
+    """Malformed data rows skipped (reported by line/row and field); one more stops the run
+    before training."""
+    max_response_tokens: int = 48
+    """Responses are cut to this many tokens (their first ones)."""
+    rejected_per_prompt: int = 8
+    """Builtin set: rejected continuations drawn per prompt."""
+    negative_prompts: bool = True
+    """Builtin set: also pair negative openings (positive continuation of another sentence as
+    chosen, its own as rejected), so coherence alone cannot rank the pairs."""
+    eval_every: int = 10
+    """Learner steps between held-out evaluations (and at the end)."""
+    eval_pairs: int = 256
+    """Held-out pairs evaluated at most (the first ones)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -285,6 +319,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -580,6 +615,21 @@ def validate(cfg: Config) -> None:
             f"learner.batch_size={lrn.batch_size} must split evenly over learner.num={lrn.num} "
             f"learners and, per learner, into learner.num_minibatches={lrn.num_minibatches}"
         )
+    off = cfg.offline
+    _choice("offline.algo", off.algo, ("dpo", "ipo", "iql", "cql"))
+    if off.algo in ("iql", "cql"):
+        raise ConfigError(f"offline.algo={off.algo!r}: not implemented yet; use 'dpo' or 'ipo'")
+    for key, value in [("offline.beta", off.beta), ("offline.ipo_tau", off.ipo_tau),
+                       ("offline.max_response_tokens", off.max_response_tokens),
+                       ("offline.rejected_per_prompt", off.rejected_per_prompt),
+                       ("offline.eval_every", off.eval_every),
+                       ("offline.eval_pairs", off.eval_pairs)]:
+        _positive(key, value)
+    _positive("offline.max_bad_rows", off.max_bad_rows, allow_zero=True)
+    if not 0 <= off.label_smoothing < 0.5:
+        raise ConfigError(f"offline.label_smoothing={off.label_smoothing}: must be in [0, 0.5)")
+    if not 0 < off.eval_fraction < 1:
+        raise ConfigError(f"offline.eval_fraction={off.eval_fraction}: must be in (0, 1)")
     for role in ("generator", "scorer", "learner"):
         for name, amount in getattr(cfg, role).resources.items():
             _positive(f"{role}.resources.{name}", amount)

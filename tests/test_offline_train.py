@@ -1,0 +1,88 @@
+"""`rlhf-ray offline` end to end on the tiny model: DPO and IPO learn a preference from a file,
+bad rows are skipped up to the limit and stop the run beyond it, and a finished online run's
+buffer export trains offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf_ray.config import load_config
+from rlhf_ray.data.prompts import DataError
+from rlhf_ray.metrics import read_metrics
+from rlhf_ray.offline_driver import train_offline
+
+WORDS = ["apple", "river", "stone", "cloud", "lemon", "tiger", "piano", "candle", "forest",
+         "pencil", "window", "garden"]
+
+
+def _pairs_file(path, bad: int = 0):
+    lines = []
+    for i, a in enumerate(WORDS):
+        for j, b in enumerate(WORDS):
+            if i != j:
+                lines.append(json.dumps({"prompt": f"Say {a} {b}", "chosen": " yes yes yes",
+                                         "rejected": " no no no"}))
+    for k in range(bad):
+        lines.insert(3 + k, json.dumps({"prompt": "Say", "chosen": "", "rejected": " no"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("algo", ["dpo", "ipo"])
+def test_offline_learns_a_preference_from_a_file(ray_cluster, tmp_path, algo):
+    data = _pairs_file(tmp_path / "pairs.jsonl", bad=1)
+    cfg = load_config(preset="tiny", overrides=[
+        f"run.output_dir={tmp_path}", f"run.name={algo}", "run.steps=12",
+        f"offline.algo={algo}", f"offline.data={data}", "offline.max_bad_rows=1",
+        "offline.eval_every=6", "offline.eval_fraction=0.25", "learner.lr=5e-3",
+        "offline.ipo_tau=0.5",
+    ])
+    run_dir = train_offline(cfg)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert records[-1]["eval/accuracy"] >= 0.95  # the held-out prompts were never trained on
+    assert records[-1]["eval/policy_ll_accuracy"] >= 0.95
+    assert records[-1]["eval/reward_margin"] > 0
+    assert records[-1]["offline/loss"] < records[0]["offline/loss"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert "skipped malformed row" in (run_dir / "train.log").read_text()
+
+    from rlhf_ray.evaluation import evaluate
+
+    result = evaluate(run_dir, limit=2, samples_per_prompt=1)
+    assert set(result["models"]) == {"policy", "reference"}
+
+
+def test_too_many_bad_rows_stop_the_run_before_it_starts(tmp_path, capsys):
+    from rlhf_ray.cli import main
+
+    data = _pairs_file(tmp_path / "pairs.jsonl", bad=2)
+    cfg = load_config(preset="tiny", overrides=[
+        f"run.output_dir={tmp_path}", "run.name=r", f"offline.data={data}",
+        "offline.max_bad_rows=1"])
+    with pytest.raises(DataError, match=r"pairs.jsonl: 2 malformed preference rows"):
+        train_offline(cfg)
+    assert not (tmp_path / "r").exists()
+    assert main(["offline", "--preset", "tiny", "--data", str(data), f"run.output_dir={tmp_path}",
+                 "run.name=r"]) == 2
+    assert "pairs.jsonl:4: field 'chosen'" in capsys.readouterr().err
+
+
+def test_offline_training_from_an_online_runs_buffer_export(ray_cluster, tmp_path):
+    from rlhf_ray.cli import main
+    from rlhf_ray.driver import train
+
+    online = train(load_config(preset="tiny", overrides=[
+        f"run.output_dir={tmp_path}", "run.name=online", "run.steps=3"]))
+    export = tmp_path / "rows.parquet"
+    assert main(["buffer", "export", str(online), str(export)]) == 0
+    cfg = load_config(preset="tiny", overrides=[
+        f"run.output_dir={tmp_path}", "run.name=offline", "run.steps=3",
+        f"offline.data={export}", "offline.eval_every=3"])
+    run_dir = train_offline(cfg)
+    records = read_metrics(run_dir)
+    assert len(records) == 3 and "eval/accuracy" in records[-1]
+    log_text = (run_dir / "train.log").read_text()
+    assert "training and" in log_text and "held-out pairs" in log_text
