@@ -427,14 +427,19 @@ def polyak_update(target_module: nn.Module, online_module: nn.Module, tau: float
 
 
 def q_head_parameter_count(hidden: int, vocab: int, q_rank: int | None) -> int:
-    """Parameters of one Q head: ``V * H + V`` full, ``r * H + V * r + V`` at rank ``r``."""
-    if q_rank is None:
+    """Parameters of one Q head: ``V * H + V`` full, ``r * H + V * r + V`` at rank ``r``
+    (a rank of at least ``min(H, V)`` builds the full head, see ``QHead``)."""
+    if q_rank is None or q_rank >= min(hidden, vocab):
         return vocab * hidden + vocab
     return q_rank * hidden + vocab * q_rank + vocab
 
 
 class QHead(nn.Module):
-    """``Q(s, .)`` over the vocabulary from a hidden state: ``H -> V``, or ``H -> r -> V``."""
+    """``Q(s, .)`` over the vocabulary from a hidden state: ``H -> V``, or ``H -> r -> V``.
+
+    A rank ``r >= min(H, V)`` saves nothing (``r * (H + V) >= V * H``), so it builds the full
+    head instead; ``rank`` holds what was built.
+    """
 
     def __init__(
         self,
@@ -445,8 +450,11 @@ class QHead(nn.Module):
         init_scale: float = 0.01,
     ):
         super().__init__()
-        if rank is not None and not 1 <= rank <= min(hidden, vocab):
-            raise ValueError(f"q_rank must be in [1, {min(hidden, vocab)}] or None, got {rank}")
+        if rank is not None and rank < 1:
+            raise ValueError(f"q_rank must be >= 1 or None, got {rank}")
+        if rank is not None and rank >= min(hidden, vocab):
+            rank = None  # the full head is then exact and no larger
+        self.rank = rank
         self.down = None if rank is None else nn.Linear(hidden, rank, bias=False)
         self.up = nn.Linear(hidden if rank is None else rank, vocab)
         nn.init.zeros_(self.up.bias)
@@ -490,13 +498,14 @@ class TokenQHeads(nn.Module):
     and a frozen target copy of the Q head that only ``update_target`` moves.
 
     Cost: a full Q head is a second LM head, ``V * H`` parameters; for SmolLM2-135M (H = 576,
-    V = 49152) that is about 28.3M parameters, 113 MB in fp32, twice over with the target, plus
-    AdamW's two moments (about 450 MB of head state in all) and a ``[B, T, V]`` fp32 activation
-    like the logits. Affordable on a GPU, heavy for CPU runs, and it grows with the vocabulary
-    (Llama-3's 128k vocabulary at H = 4096 is 525M parameters per head). ``q_rank = r``
-    factorises the head as ``H -> r -> V``: at the default r = 64 it is about 3.2M parameters
-    (13 MB) for SmolLM2. ``q_taken`` never forms ``[B, T, V]``, so only the CQL penalty needs the
-    full ``q_values``.
+    V = 49152) that is about 28.3M parameters, 113 MB in fp32. With the target copy, the
+    gradient and AdamW's two moments that is about 570 MB of head state, plus a ``[B, T, V]``
+    fp32 activation like the logits: affordable on a GPU, heavy for CPU runs, and it grows with
+    the vocabulary (Llama-3's 128k vocabulary at H = 4096 is 525M parameters per head).
+    ``q_rank = r`` factorises the head as ``H -> r -> V``: at the default r = 64 it is about
+    3.2M parameters (13 MB) for SmolLM2. A rank of at least ``min(H, V)`` builds the full head
+    (the tiny test models, H = 64, get it by default). ``q_taken`` never forms ``[B, T, V]``, so
+    only the CQL penalty needs the full ``q_values``.
 
     Initialisation: from ``lm_head_weight`` (the policy's output embedding, ``[V, H]``) Q starts
     as the logits, exactly for the full head and as their best rank-r approximation (truncated
@@ -518,8 +527,9 @@ class TokenQHeads(nn.Module):
         init_scale: float = 0.01,
     ):
         super().__init__()
-        self.hidden, self.vocab, self.q_rank = hidden, vocab, q_rank
+        self.hidden, self.vocab = hidden, vocab
         self.q = QHead(hidden, vocab, q_rank, lm_head_weight, init_scale)
+        self.q_rank = self.q.rank  # None: the full head
         self.v = nn.Linear(hidden, 1)
         nn.init.zeros_(self.v.weight)
         nn.init.zeros_(self.v.bias)

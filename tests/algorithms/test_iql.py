@@ -297,15 +297,21 @@ def test_token_q_heads_from_the_lm_head():
     logits = states @ weight.T
     _close(TokenQHeads(h, vocab, q_rank=None, lm_head_weight=weight).q_values(states), logits,
            atol=1e-5)
-    # At full rank the factorised head reproduces the logits; below it, approximates them.
-    _close(TokenQHeads(h, vocab, q_rank=h, lm_head_weight=weight).q_values(states), logits,
-           atol=1e-4)
-    low = TokenQHeads(h, vocab, q_rank=2, lm_head_weight=weight).q_values(states)
-    assert (low - logits).abs().max() > 1e-3
+    # The rank-5 SVD factorisation keeps all but the smallest singular value; rank 2 less.
+    error = {}
+    for rank in (5, 2):
+        heads = TokenQHeads(h, vocab, q_rank=rank, lm_head_weight=weight)
+        assert heads.q_rank == rank and heads.q.down.weight.shape == (rank, h)
+        error[rank] = float((heads.q_values(states).detach() - logits).norm())
+    assert 0 < error[5] < error[2]
+    # A rank of at least min(H, V) saves nothing and builds the full, exact head.
+    full = TokenQHeads(h, vocab, q_rank=h, lm_head_weight=weight)
+    assert full.q_rank is None and full.q.down is None
+    _close(full.q_values(states), logits, atol=1e-5)
     with pytest.raises(ValueError, match="q_rank"):
-        TokenQHeads(h, vocab, q_rank=h + 1)
+        TokenQHeads(h, vocab, q_rank=0)
     with pytest.raises(ValueError, match="lm_head_weight"):
-        TokenQHeads(h, vocab, lm_head_weight=weight.T)
+        TokenQHeads(h, vocab, q_rank=None, lm_head_weight=weight.T)
 
 
 def test_target_head_is_not_moved_by_an_optimizer_step_on_the_online_heads():
