@@ -473,11 +473,16 @@ class QHead(nn.Module):
         if rank is None:
             self.up.weight.copy_(weight)
             return
-        # The best rank-r approximation of the LM head (truncated SVD), split evenly.
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-        root = s[:rank].sqrt()
-        self.down.weight.copy_(root.unsqueeze(1) * vh[:rank])
-        self.up.weight.copy_(u[:, :rank] * root)
+        # The best rank-r approximation of the LM head W [V, H] (truncated SVD), split evenly:
+        # down = S^1/2 Vr^T, up = W Vr S^-1/2, so up @ down = W Vr Vr^T. The right singular
+        # vectors come from the small [H, H] eigenproblem of W^T W (in fp64), which is
+        # faster than an SVD of W for a large vocabulary (a few seconds on CPU for SmolLM2).
+        w64 = weight.double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(w64.T @ w64)  # ascending
+        top = eigenvectors[:, -rank:].flip(-1)  # [H, r], largest first
+        root = eigenvalues[-rank:].flip(-1).clamp_min(0.0).sqrt().sqrt()  # S^1/2
+        self.down.weight.copy_((root.unsqueeze(1) * top.T).float())
+        self.up.weight.copy_((w64 @ top / torch.where(root > 0, root, 1.0)).float())
 
     def _features(self, hidden_states: Tensor) -> Tensor:
         x = hidden_states.float()

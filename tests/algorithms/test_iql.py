@@ -303,6 +303,9 @@ def test_token_q_heads_from_the_lm_head():
         heads = TokenQHeads(h, vocab, q_rank=rank, lm_head_weight=weight)
         assert heads.q_rank == rank and heads.q.down.weight.shape == (rank, h)
         error[rank] = float((heads.q_values(states).detach() - logits).norm())
+        u, sv, vh = torch.linalg.svd(weight, full_matrices=False)
+        best = (u[:, :rank] * sv[:rank]) @ vh[:rank]  # Eckart-Young: the best rank-r matrix
+        _close((heads.q.up.weight @ heads.q.down.weight).detach(), best, atol=1e-4)
     assert 0 < error[5] < error[2]
     # A rank of at least min(H, V) saves nothing and builds the full, exact head.
     full = TokenQHeads(h, vocab, q_rank=h, lm_head_weight=weight)
