@@ -150,7 +150,14 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> int:
     if not path.is_file():
         return 0
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash: it is redone with its step
+            continue
+        if record.get("step", step + 1) <= step:
+            kept.append(line)
     tmp = path.with_name(".tmp-metrics.jsonl")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

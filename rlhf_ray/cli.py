@@ -26,7 +26,7 @@ def _train(args) -> int:
         overrides.append("run.sync=true")
     if args.address:
         overrides.append(f"run.ray_address={args.address}")
-    if args.resume:
+    if args.resume is not None:
         # the run's own config, with the overrides on top (e.g. more run.steps)
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
@@ -266,10 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from rlhf_ray.driver import RunStopped
+
     clean = (ConfigError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError,
-             IsADirectoryError, ValueError, TimeoutError, *_ray_connection_errors())
+             IsADirectoryError, ValueError, TimeoutError, RunStopped, *_ray_connection_errors())
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("rlhf-ray: interrupted; a training run continues with rlhf-ray train --resume "
+              "RUN_DIR", file=sys.stderr)
+        return 130
     except Exception as e:
         # an actor's error of a known kind (a rate-limit timeout naming the stalled side, a bad
         # offline file) arrives wrapped by Ray; it is reported by its message, without the

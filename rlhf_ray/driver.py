@@ -44,6 +44,11 @@ from rlhf_ray.types import PromptBatch
 
 log = logging.getLogger("rlhf_ray")
 
+
+class RunStopped(RuntimeError):
+    """The run cannot start or go on, for a reason the message states (a resource the cluster
+    lacks, a role that keeps failing); the CLI prints it without a traceback."""
+
 # Step metrics that are sums over the generation/scoring work since the last learner step.
 _SUMMED = ("rollout/prompts", "rollout/prompts_truncated", "rollout/prompts_dropped",
            "rollout/samples", "rollout/tokens", "reward/quarantined", "reward/groups_dropped",
@@ -112,6 +117,48 @@ def init_ray(cfg: Config):
     return ray
 
 
+# Settings a resumed run must keep: its checkpoint (adapter shape, value head) and its buffer
+# (shard layout, sampler, limits) were made with them.
+_RESUME_FIXED = ("model", "replay.num_shards", "replay.capacity", "replay.sampler",
+                 "replay.priority_alpha", "replay.min_priority", "replay.max_staleness",
+                 "replay.max_times_sampled", "replay.samples_per_insert",
+                 "replay.min_size_to_sample", "replay.error_buffer", "replay.durable",
+                 "algorithm.advantage", "data.prompts", "data.seed", "data.eval_fraction",
+                 "run.seed")
+
+
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """A resume must keep the settings its checkpoint and buffer were made with; an error names
+    the first that differs, before anything of the run is touched."""
+    from rlhf_ray.config import ConfigError, config_from_dict
+
+    saved = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())).to_dict()
+    given = cfg.to_dict()
+    for key in _RESUME_FIXED:
+        a, b = saved, given
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            raise ConfigError(
+                f"--resume {run_dir}: {key} differs from the run's config.yaml (stored {a!r}, "
+                f"given {b!r}); a resumed run keeps its model, data and replay settings"
+            )
+
+
+def lock_run_dir(run_dir: Path) -> int:
+    """Holds RUN_DIR/.driver.lock (flock, released when the process ends): one driver per run."""
+    import fcntl
+
+    fd = os.open(run_dir / ".driver.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FileExistsError(f"{run_dir} is in use by another rlhf-ray driver (its "
+                              ".driver.lock is held)") from None
+    return fd
+
+
 def _job_env_vars() -> dict:
     """The env_vars of the runtime env of the Ray job this driver runs as (empty outside one)."""
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
@@ -146,12 +193,12 @@ def check_resources(cfg: Config) -> None:
             if each > have:
                 key = {"CPU": "num_cpus", "GPU": "num_gpus"}.get(resource,
                                                                  f"resources.{resource}")
-                raise RuntimeError(
+                raise RunStopped(
                     f"{name}.{key}={each} but the cluster has {have:g} {resource}"
                 )
         if need > have:
             parts = ", ".join(f"{n}: {r.num} x {amount(r, resource):g}" for n, r in roles)
-            raise RuntimeError(
+            raise RunStopped(
                 f"the config asks for {need:g} {resource} ({parts}) but the cluster has {have:g}"
             )
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -161,7 +208,7 @@ def check_resources(cfg: Config) -> None:
         plain = {k: v for k, v in wanted.items() if not re.match(r"^(!|in\(|!in\()", str(v))}
         if plain and not any(all(n.get("Labels", {}).get(k) == v for k, v in plain.items())
                              for n in nodes):
-            raise RuntimeError(
+            raise RunStopped(
                 f"{name}.label_selector={wanted}: no node of the cluster has these labels"
             )
 
@@ -286,7 +333,7 @@ def _start_learners(cfg: Config, shards: list, store, offline_shards: list):
             ray.get(group.ready(), timeout=_PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(group)
-            raise RuntimeError(
+            raise RunStopped(
                 f"learner: the cluster cannot place {lr.num} learners with {need} each "
                 f"(learner.placement={lr.placement}) within {_PLACEMENT_TIMEOUT_S:.0f}s"
             ) from None
@@ -386,10 +433,11 @@ class Trainer:
         self.cursor = PromptCursor(train, seed=cfg.data.seed)
         self.resume = resume
         if resume:
-            if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
-                raise FileNotFoundError(f"cannot resume {run_dir}: not a run directory "
+            if run_dir is None or not str(run_dir) or not (Path(run_dir) / "config.yaml").is_file():
+                raise FileNotFoundError(f"cannot resume {str(run_dir)!r}: not a run directory "
                                         "(no config.yaml)")
             self.run_dir = Path(run_dir).absolute()
+            check_resumable(cfg, self.run_dir)
         else:
             self.run_dir = run_dir or make_run_dir(cfg)  # only once the inputs are known good
         self.system: System | None = None
@@ -476,6 +524,12 @@ class Trainer:
 
         found = checkpoint.latest(self.run_dir)
         step = found[0] if found else None
+        started = [p.name for p in checkpoint.root(self.run_dir).glob("step-*")]
+        if found is None and started:
+            raise FileNotFoundError(
+                f"{checkpoint.root(self.run_dir)} holds {sorted(started)} but none is complete "
+                "(no driver.json); refusing to start the run over"
+            )
         if found is not None:
             self.load_driver_state(checkpoint.read_driver_state(found[1]))
         else:
@@ -501,13 +555,21 @@ class Trainer:
         from rlhf_ray.metrics import MetricsSink
 
         cfg, run_dir = self.cfg, self.run_dir
-        setup_logging(run_dir)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        init_ray(cfg)
-        check_resources(cfg)
-        log.info("run directory: %s", run_dir)
-        t0 = time.perf_counter()
-        system = self.system = self._restore() if self.resume else build_system(cfg, run_dir)
+        self._lock = lock_run_dir(run_dir)
+        try:
+            setup_logging(run_dir)
+            if not self.resume:  # a resume writes it once restored: a failed one changes nothing
+                self._write_config()
+            init_ray(cfg)
+            check_resources(cfg)
+            log.info("run directory: %s", run_dir)
+            t0 = time.perf_counter()
+            system = self.system = self._restore() if self.resume else build_system(cfg, run_dir)
+            if self.resume:
+                self._write_config()
+        except BaseException:
+            os.close(self._lock)
+            raise
         log.info("actors ready in %.1fs", time.perf_counter() - t0)
         sink = MetricsSink(run_dir, tensorboard=cfg.run.tensorboard)
         bar = tqdm(total=cfg.run.steps, initial=self.step, desc="train", unit="step",
@@ -540,14 +602,19 @@ class Trainer:
             bar.close()
             sink.close()
             system.shutdown()
+            os.close(self._lock)  # releases the run directory
         self._finish(sink.history)
         return sink.history[-1] if sink.history else {}
+
+    def _write_config(self) -> None:
+        text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        (self.run_dir / "config.yaml").write_text(text)
 
     def _replace_learner(self, system: System, error: Exception, sink) -> System:
         self.learner_restarts += 1
         limit = self.cfg.run.max_learner_restarts
         if self.learner_restarts > limit:
-            raise RuntimeError(f"the learner died {self.learner_restarts} times "
+            raise RunStopped(f"the learner died {self.learner_restarts} times "
                                f"(run.max_learner_restarts={limit}); last: {error}") from error
         log.warning("the learner died at step %d (%s); restarting every actor from the last "
                     "checkpoint (%d of %d restarts)", self.step + 1,
@@ -838,7 +905,7 @@ class Trainer:
             log.warning("%s failed a request (%d in a row); its %d prompts count as dropped: %s",
                         role, self._failures[role], prompts, str(e).splitlines()[0])
             if self._failures[role] >= self.cfg.run.max_failures:
-                raise RuntimeError(
+                raise RunStopped(
                     f"{role} failed {self._failures[role]} requests in a row "
                     f"(run.max_failures={self.cfg.run.max_failures}); last error: {e}"
                 ) from e
@@ -863,7 +930,7 @@ class Trainer:
         if self._failing_batches >= 3:
             reason = report.quarantine[0]["reason"] if report.quarantine else (
                 "every prompt was dropped or every group was left with < 2 samples")
-            raise RuntimeError(
+            raise RunStopped(
                 f"3 batches in a row gave no training row (scorer.reward={self.cfg.scorer.reward!r}"
                 f"): {reason}"
             )

@@ -203,3 +203,54 @@ def test_learner_state_round_trip_is_exact(tmp_path):
     for a, b in zip(first.policy.value_head.parameters(), second.policy.value_head.parameters()):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
     assert second.version == first.version == 2
+
+
+def _fake_run(tmp_path, *overrides):
+    import yaml
+
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path}", "run.name=r",
+                                                *overrides])
+    run_dir = tmp_path / "r"
+    (run_dir / "replay" / "online" / "shard-0").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def test_a_resume_that_changes_fixed_settings_is_refused_before_touching_the_run(tmp_path):
+    from rlhf_ray.config import ConfigError
+
+    run_dir = _fake_run(tmp_path)
+    before = (run_dir / "config.yaml").read_text()
+    for override, key in [("replay.num_shards=3", "replay.num_shards"),
+                          ("model.lora_rank=8", "model"),
+                          ("replay.sampler=prioritized", "replay.sampler")]:
+        changed = load_config(files=[str(run_dir / "config.yaml")], overrides=[override])
+        with pytest.raises(ConfigError, match=rf"{key} differs from the run's config.yaml"):
+            Trainer(changed, run_dir, resume=True)
+    assert (run_dir / "config.yaml").read_text() == before
+    more = load_config(files=[str(run_dir / "config.yaml")], overrides=["run.steps=9"])
+    Trainer(more, run_dir, resume=True)  # more steps are fine
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        Trainer(more, "", resume=True)
+
+
+def test_one_driver_per_run_directory_and_torn_metrics_lines(tmp_path):
+    from rlhf_ray.driver import lock_run_dir
+
+    run_dir = _fake_run(tmp_path)
+    fd = lock_run_dir(run_dir)
+    with pytest.raises(FileExistsError, match="in use by another rlhf-ray driver"):
+        lock_run_dir(run_dir)
+    os.close(fd)
+    os.close(lock_run_dir(run_dir))  # free again
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rollout/pro')
+    assert checkpoint.truncate_metrics(run_dir, 1) == 2
+    assert read_metrics(run_dir) == [{"step": 1}]
+
+
+def test_checkpoint_folders_without_a_complete_one_are_not_a_fresh_start(ray_cluster, tmp_path):
+    run_dir = _fake_run(tmp_path)
+    (checkpoint.root(run_dir) / "step-00000002" / "learner").mkdir(parents=True)
+    cfg = load_config(files=[str(run_dir / "config.yaml")])
+    with pytest.raises(FileNotFoundError, match="none is complete"):
+        Trainer(cfg, run_dir, resume=True).run()
