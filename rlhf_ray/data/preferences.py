@@ -35,6 +35,7 @@ from rlhf_ray.data.prompts import (
     is_held_out,
     movie_review_openings,
     parse_jsonl_line,
+    split_by_hash,
 )
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -283,14 +284,8 @@ def split_pairs(
     Raises:
         DataError: one side would be empty.
     """
-    train = [p for p in pairs if not is_held_out(p.prompt, fraction)]
-    held_out = [p for p in pairs if is_held_out(p.prompt, fraction)]
-    if not train or not held_out:
-        raise DataError(
-            f"eval fraction {fraction} leaves {len(train)} training and {len(held_out)} held-out "
-            "preference pairs; both must be non-empty"
-        )
-    return train, held_out
+    return split_by_hash(pairs, lambda p: p.prompt, fraction, "offline.eval_fraction",
+                         "preference pairs")
 
 
 def movie_review_preferences(

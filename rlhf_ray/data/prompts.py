@@ -169,15 +169,24 @@ def is_held_out(uid: str, fraction: float) -> bool:
     return (h % 10_000) < fraction * 10_000
 
 
-def split_prompts(records: list[PromptRecord], fraction: float):
-    train = [r for r in records if not is_held_out(r.uid, fraction)]
-    held_out = [r for r in records if is_held_out(r.uid, fraction)]
+def split_by_hash(items: list, key, fraction: float, setting: str, what: str):
+    """``(train, held_out)``: an item is held out when the stable hash of ``key(item)`` says so.
+
+    Raises:
+        DataError: one side would be empty (the message names ``setting`` and ``what``).
+    """
+    train = [it for it in items if not is_held_out(key(it), fraction)]
+    held_out = [it for it in items if is_held_out(key(it), fraction)]
     if not train or not held_out:
         raise DataError(
-            f"data.eval_fraction={fraction} leaves {len(train)} training and {len(held_out)} "
-            "held-out prompts; both must be non-empty"
+            f"{setting}={fraction} leaves {len(train)} training and {len(held_out)} "
+            f"held-out {what}; both must be non-empty"
         )
     return train, held_out
+
+
+def split_prompts(records: list[PromptRecord], fraction: float):
+    return split_by_hash(records, lambda r: r.uid, fraction, "data.eval_fraction", "prompts")
 
 
 class PromptCursor:
