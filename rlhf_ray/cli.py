@@ -2,7 +2,7 @@
 
     rlhf-ray train [--preset NAME] [--config FILE ...] [--sync] [--address ADDR] [key=value ...]
     rlhf-ray train --resume RUN_DIR [key=value ...]
-    rlhf-ray offline [--algo dpo|ipo] [--data FILE] [--preset NAME] [key=value ...]
+    rlhf-ray offline [--algo dpo|ipo|iql|cql] [--data FILE] [--preset NAME] [key=value ...]
     rlhf-ray eval RUN_DIR [--samples N] [--temperature T] [--top-p P] [--top-k K] [--limit N]
     rlhf-ray models [--prepare NAME]
     rlhf-ray presets
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from rlhf_ray.config import OFFLINE_ALGOS
 
 
 def _train(args) -> int:
@@ -215,10 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("offline", help="offline preference learning (DPO, IPO) from stored pairs")
-    p.add_argument("--algo", choices=["dpo", "ipo"], help="default: offline.algo (dpo)")
-    p.add_argument("--data", help="pairs: movie-review-preferences (builtin), a .jsonl or "
-                                  ".parquet of prompt/chosen/rejected, or a buffer export")
+    p = sub.add_parser("offline", help="offline learning from stored data: DPO, IPO (pairs), "
+                                       "token-level IQL, CQL (scored samples)")
+    p.add_argument("--algo", choices=list(OFFLINE_ALGOS), help="default: offline.algo (dpo)")
+    p.add_argument("--data", help="pairs (dpo/ipo) or scored samples (iql/cql): a .jsonl or "
+                                  ".parquet file, or a buffer export; default: the builtin set "
+                                  "(movie-review-preferences or movie-review-samples)")
     p.add_argument("--preset", default="default", help="named preset (`rlhf-ray presets`)")
     p.add_argument("--config", action="append", help="YAML config file (repeatable)")
     p.add_argument("--address", help="Ray cluster address (`auto` for `ray start --head`)")

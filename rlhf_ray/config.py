@@ -277,16 +277,20 @@ class RunConfig:
 
 @dataclass
 class OfflineConfig:
-    """`rlhf-ray offline`: learning from stored preference pairs, without rollouts."""
+    """`rlhf-ray offline`: learning from stored data, without rollouts."""
 
     algo: str = "dpo"
-    """dpo | ipo (iql and cql are not implemented yet)."""
-    data: str = "movie-review-preferences"
-    """Preference pairs: the builtin `movie-review-preferences`, a .jsonl or .parquet file of
-    (prompt, chosen, rejected), or a replay-buffer export (`rlhf-ray buffer export`), paired best
-    against worst response of each prompt group."""
+    """dpo | ipo (preference pairs), iql | cql (token-level Q learning on scored samples; cql is
+    iql plus the conservative penalty weighted by `cql_alpha`)."""
+    data: str = ""
+    """The data; empty picks the builtin set of the algorithm: `movie-review-preferences` for
+    dpo/ipo, `movie-review-samples` for iql/cql. Pairs: a .jsonl or .parquet file of (prompt,
+    chosen, rejected), or a replay-buffer export (`rlhf-ray buffer export`), paired best against
+    worst response of each prompt group. Scored samples: (prompt, response, reward) files, pair
+    files (chosen scores 1, rejected 0), or a buffer export (every row a sample)."""
     eval_fraction: float = 0.2
-    """Held-out share of a file's pairs, split by prompt (the builtin set has its own split)."""
+    """Held-out share of a file's pairs or samples, split by prompt (builtin sets have their
+    own split, the prompts' data.eval_fraction)."""
     beta: float = 0.1
     """DPO: the implicit KL coefficient (implicit reward = beta * log pi/ref)."""
     label_smoothing: float = 0.0
@@ -297,16 +301,40 @@ class OfflineConfig:
     """Malformed data rows skipped (reported by line/row and field); one more stops the run
     before training."""
     max_response_tokens: int = 48
-    """Responses are cut to this many tokens (their first ones)."""
+    """Responses are cut to this many tokens (their first ones); a cut scored sample counts as
+    truncated (its value is bootstrapped)."""
     rejected_per_prompt: int = 8
-    """Builtin set: rejected continuations drawn per prompt."""
+    """Builtin pairs: rejected continuations drawn per prompt."""
     negative_prompts: bool = True
-    """Builtin set: also pair negative openings (positive continuation of another sentence as
+    """Builtin pairs: also pair negative openings (positive continuation of another sentence as
     chosen, its own as rejected), so coherence alone cannot rank the pairs."""
+    samples_per_prompt: int = 8
+    """Builtin scored samples: responses per opening (its own continuation and others')."""
     eval_every: int = 10
     """Learner steps between held-out evaluations (and at the end)."""
     eval_pairs: int = 256
-    """Held-out pairs evaluated at most (the first ones)."""
+    """Held-out pairs (dpo/ipo) or samples (iql/cql) evaluated at most (the first ones)."""
+    gamma: float = 1.0
+    """IQL/CQL: discount per token."""
+    tau_expectile: float = 0.7
+    """IQL/CQL: the expectile of the V regression, in (0, 1); above 0.5 V leans towards the
+    best in-data action."""
+    awr_beta: float = 0.1
+    """IQL/CQL: advantage-weighted regression temperature (weights exp(A / beta))."""
+    awr_max_weight: float = 20.0
+    """IQL/CQL: cap on the AWR weights, >= 1."""
+    polyak_tau: float = 0.1
+    """IQL/CQL: target-Q update rate per step (short runs here: a few hundred steps at most)."""
+    cql_alpha: float = 0.1
+    """CQL: weight of the conservative penalty (logsumexp_a Q - Q of the data token); iql
+    ignores it."""
+    q_rank: int = 64
+    """IQL/CQL: rank of the Q head over the vocabulary (H -> r -> V); 0 builds the full head."""
+    q_lr: float = 1.0e-3
+    """IQL/CQL: learning rate of the Q and V heads (the adapter uses learner.lr)."""
+    q_warmup_steps: int = 0
+    """IQL/CQL: steps that fit only Q and V before the policy starts to move (their AWR weights
+    are all about 1 at the start)."""
 
 
 @dataclass
@@ -323,6 +351,17 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+OFFLINE_ALGOS = ("dpo", "ipo", "iql", "cql")
+PAIR_ALGOS = ("dpo", "ipo")
+
+
+def offline_data(cfg: Config) -> str:
+    """`offline.data`, or the builtin set of the algorithm when it is empty."""
+    if cfg.offline.data:
+        return cfg.offline.data
+    return "movie-review-preferences" if cfg.offline.algo in PAIR_ALGOS else "movie-review-samples"
 
 
 def preset_names() -> list[str]:
@@ -616,16 +655,32 @@ def validate(cfg: Config) -> None:
             f"learners and, per learner, into learner.num_minibatches={lrn.num_minibatches}"
         )
     off = cfg.offline
-    _choice("offline.algo", off.algo, ("dpo", "ipo", "iql", "cql"))
-    if off.algo in ("iql", "cql"):
-        raise ConfigError(f"offline.algo={off.algo!r}: not implemented yet; use 'dpo' or 'ipo'")
+    _choice("offline.algo", off.algo, OFFLINE_ALGOS)
     for key, value in [("offline.beta", off.beta), ("offline.ipo_tau", off.ipo_tau),
                        ("offline.max_response_tokens", off.max_response_tokens),
                        ("offline.rejected_per_prompt", off.rejected_per_prompt),
+                       ("offline.samples_per_prompt", off.samples_per_prompt),
                        ("offline.eval_every", off.eval_every),
-                       ("offline.eval_pairs", off.eval_pairs)]:
+                       ("offline.eval_pairs", off.eval_pairs), ("offline.q_lr", off.q_lr)]:
         _positive(key, value)
-    _positive("offline.max_bad_rows", off.max_bad_rows, allow_zero=True)
+    for key, value in [("offline.max_bad_rows", off.max_bad_rows), ("offline.q_rank", off.q_rank),
+                       ("offline.q_warmup_steps", off.q_warmup_steps)]:
+        _positive(key, value, allow_zero=True)
+    if off.algo in ("iql", "cql"):
+        from rlhf_ray.algorithms.iql import check_iql_settings
+
+        try:
+            check_iql_settings(
+                off.awr_beta, off.awr_max_weight, off.tau_expectile, gamma=off.gamma,
+                polyak_tau=off.polyak_tau, cql_alpha=off.cql_alpha,
+                names={k: f"offline.{k}" for k in ("tau_expectile", "gamma", "polyak_tau",
+                                                  "cql_alpha")}
+                | {"beta": "offline.awr_beta", "max_weight": "offline.awr_max_weight"})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if off.q_warmup_steps >= cfg.run.steps:
+            raise ConfigError(f"offline.q_warmup_steps={off.q_warmup_steps}: must be below "
+                              f"run.steps={cfg.run.steps}, or the policy never trains")
     if not 0 <= off.label_smoothing < 0.5:
         raise ConfigError(f"offline.label_smoothing={off.label_smoothing}: must be in [0, 0.5)")
     if not 0 < off.eval_fraction < 1:

@@ -1,11 +1,13 @@
-"""`rlhf-ray offline`: DPO or IPO from stored preference pairs, in a learner actor.
+"""`rlhf-ray offline`: DPO or IPO from stored preference pairs, or token-level IQL or CQL from
+scored samples, in a learner actor.
 
 The same run directory as `rlhf-ray train` (config.yaml, metrics.jsonl, tb/, train.log,
 checkpoints/, adapter/, summary.yaml), so `rlhf-ray eval RUN_DIR` samples the held-out prompts
 with the trained adapter against the reference exactly as for an online run. The data is read
 and checked in the driver before Ray starts: a malformed row beyond `offline.max_bad_rows`
-stops the run with the file, line and field. Held-out preference accuracy is measured every
-`offline.eval_every` steps and at the end (`eval/` metrics).
+stops the run with the file, line and field. Held-out metrics (preference accuracy for pairs;
+losses and reward correlations for scored samples) are measured every `offline.eval_every`
+steps and at the end (`eval/` metrics).
 
 One learner actor only (`learner.num` must be 1); no rollouts, so no generators, scorers or
 replay shards are started. A run cannot be resumed (it is short: minutes here).
@@ -20,13 +22,13 @@ from pathlib import Path
 
 import yaml
 
-from rlhf_ray.config import Config, ConfigError
+from rlhf_ray.config import PAIR_ALGOS, Config, ConfigError, offline_data
 
 log = logging.getLogger("rlhf_ray")
 
 
 def load_pairs(cfg: Config):
-    """``(train, held_out, report)`` preference pairs for ``offline.data``."""
+    """``(train, held_out, report)`` preference pairs for dpo/ipo."""
     from rlhf_ray.data.preferences import (
         BUILTIN_PREFERENCE_SETS,
         load_preference_pairs,
@@ -34,15 +36,48 @@ def load_pairs(cfg: Config):
         split_pairs,
     )
 
-    off = cfg.offline
-    if off.data in BUILTIN_PREFERENCE_SETS:
+    off, data = cfg.offline, offline_data(cfg)
+    if data in BUILTIN_PREFERENCE_SETS:
         train, held_out = movie_review_preferences(
             cfg.data.opening_words, cfg.data.eval_fraction,
             rejected_per_prompt=off.rejected_per_prompt, negative_prompts=off.negative_prompts)
         return train, held_out, {"skipped": {}, "bad_rows": []}
-    loaded = load_preference_pairs(off.data, max_bad_rows=off.max_bad_rows)
+    _check_not_builtin_of_other_kind(data, cfg)
+    loaded = load_preference_pairs(data, max_bad_rows=off.max_bad_rows)
     train, held_out = split_pairs(loaded.pairs, off.eval_fraction)
     return train, held_out, {"skipped": dict(loaded.skipped), "bad_rows": loaded.bad_rows}
+
+
+def load_samples(cfg: Config):
+    """``(train, held_out, report)`` scored samples for iql/cql."""
+    from rlhf_ray.data.scored import (
+        BUILTIN_SAMPLE_SETS,
+        load_scored_samples,
+        movie_review_samples,
+        split_samples,
+    )
+
+    off, data = cfg.offline, offline_data(cfg)
+    if data in BUILTIN_SAMPLE_SETS:
+        train, held_out = movie_review_samples(
+            cfg.data.opening_words, cfg.data.eval_fraction,
+            samples_per_prompt=off.samples_per_prompt, reward=cfg.scorer.reward)
+        return train, held_out, {"skipped": {}, "bad_rows": []}
+    _check_not_builtin_of_other_kind(data, cfg)
+    loaded = load_scored_samples(data, max_bad_rows=off.max_bad_rows)
+    train, held_out = split_samples(loaded.samples, off.eval_fraction)
+    return train, held_out, {"skipped": dict(loaded.skipped), "bad_rows": loaded.bad_rows}
+
+
+def _check_not_builtin_of_other_kind(data: str, cfg: Config) -> None:
+    from rlhf_ray.data.preferences import BUILTIN_PREFERENCE_SETS
+    from rlhf_ray.data.scored import BUILTIN_SAMPLE_SETS
+
+    if data in BUILTIN_PREFERENCE_SETS + BUILTIN_SAMPLE_SETS:
+        wanted = "scored samples" if cfg.offline.algo in ("iql", "cql") else "preference pairs"
+        raise ConfigError(f"offline.data={data!r}: offline.algo={cfg.offline.algo} learns from "
+                          f"{wanted}; the builtin set of that kind is the default "
+                          "(leave offline.data empty)")
 
 
 def train_offline(cfg: Config) -> Path:
@@ -50,23 +85,29 @@ def train_offline(cfg: Config) -> Path:
 
     from rlhf_ray import checkpoint
     from rlhf_ray.driver import init_ray, make_run_dir, setup_logging
-    from rlhf_ray.learner.preference import PreferenceTrainer
     from rlhf_ray.metrics import MetricsSink, plot_curves
 
     if cfg.learner.num != 1:
         raise ConfigError(f"learner.num={cfg.learner.num}: rlhf-ray offline runs one learner")
-    train, held_out, report = load_pairs(cfg)  # before Ray: bad data stops the run here
+    pairs = cfg.offline.algo in PAIR_ALGOS
+    if pairs:
+        from rlhf_ray.learner.preference import PreferenceTrainer as trainer_class
+    else:
+        from rlhf_ray.learner.token_q import TokenQTrainer as trainer_class
+    # before Ray: bad data stops the run here
+    train, held_out, report = (load_pairs if pairs else load_samples)(cfg)
     run_dir = make_run_dir(cfg)
     setup_logging(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for message in report["bad_rows"][:20]:
         log.warning("skipped malformed row: %s", message)
-    log.info("run directory: %s; %s: %d training and %d held-out pairs (%s)", run_dir,
-             cfg.offline.data, len(train), len(held_out), report["skipped"] or "none skipped")
+    log.info("run directory: %s; %s %s: %d training and %d held-out %s (%s)", run_dir,
+             cfg.offline.algo, offline_data(cfg), len(train), len(held_out),
+             "pairs" if pairs else "samples", report["skipped"] or "none skipped")
     init_ray(cfg)
     t0 = time.perf_counter()
     lr = cfg.learner
-    learner = ray.remote(PreferenceTrainer).options(
+    learner = ray.remote(trainer_class).options(
         num_cpus=lr.num_cpus, num_gpus=lr.num_gpus, resources=dict(lr.resources)
     ).remote(cfg, train, held_out)
     try:
@@ -98,7 +139,8 @@ def train_offline(cfg: Config) -> Path:
     (run_dir / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=True))
     if cfg.run.plots and sink.history:
         plot_curves(sink.history, run_dir / "curves.png",
-                    keys=("offline/loss", "offline/reward_margin"))
+                    keys=("offline/loss", "offline/reward_margin") if pairs else
+                    ("offline/policy_loss", "offline/q_loss", "offline/v_loss"))
     log.info("done: %d steps in %.0fs; adapter in %s", cfg.run.steps,
              time.perf_counter() - t0, run_dir / "adapter")
     return run_dir

@@ -120,3 +120,35 @@ def test_offline_files_are_read_in_preflight(tmp_path):
         cfg = load_config(preset="tiny", overrides=[f"replay.offline_files=[{path}]"])
         with pytest.raises(DataError, match=message):
             preflight(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["offline.awr_beta=.inf"], r"offline.awr_beta=inf: .*behaviour cloning"),
+    (["offline.awr_max_weight=0.5"], r"offline.awr_max_weight=0.5: must be finite and >= 1"),
+    (["offline.tau_expectile=1.0"], r"offline.tau_expectile=1.0: must be in \(0, 1\)"),
+    (["offline.polyak_tau=0"], r"offline.polyak_tau=0.0: must be in \(0, 1\]"),
+    (["offline.cql_alpha=-1"], r"offline.cql_alpha=-1.0: must be finite and >= 0"),
+    (["offline.gamma=1.5"], r"offline.gamma=1.5: must be in \[0, 1\]"),
+    (["offline.q_warmup_steps=5", "run.steps=5"], r"offline.q_warmup_steps=5: must be below"),
+    (["offline.q_rank=-1"], r"offline.q_rank=-1: must be >= 0"),
+])
+def test_iql_and_cql_settings_that_cannot_learn_are_rejected(overrides, message):
+    for algo in ("iql", "cql"):
+        with pytest.raises(ConfigError, match=message):
+            load_config(preset="tiny", overrides=[f"offline.algo={algo}", *overrides])
+    # the same values do not concern dpo
+    if overrides != ["offline.q_rank=-1"]:
+        load_config(preset="tiny", overrides=["offline.algo=dpo", *overrides])
+
+
+def test_offline_data_defaults_to_the_builtin_set_of_the_algorithm():
+    from rlhf_ray.config import offline_data
+    from rlhf_ray.offline_driver import load_samples
+
+    assert offline_data(load_config(preset="tiny")) == "movie-review-preferences"
+    cfg = load_config(preset="tiny", overrides=["offline.algo=cql"])
+    assert offline_data(cfg) == "movie-review-samples"
+    cfg = load_config(preset="tiny", overrides=["offline.algo=iql",
+                                                "offline.data=movie-review-preferences"])
+    with pytest.raises(ConfigError, match="learns from scored samples"):
+        load_samples(cfg)

@@ -1,6 +1,6 @@
 """`rlhf-ray offline` end to end on the tiny model: DPO and IPO learn a preference from a file,
-bad rows are skipped up to the limit and stop the run beyond it, and a finished online run's
-buffer export trains offline."""
+IQL and CQL learn a file's rewards, bad rows are skipped up to the limit and stop the run beyond
+it, and a finished online run's buffer export trains every algorithm offline."""
 
 from __future__ import annotations
 
@@ -70,6 +70,48 @@ def test_too_many_bad_rows_stop_the_run_before_it_starts(tmp_path, capsys):
     assert "pairs.jsonl:4: field 'chosen'" in capsys.readouterr().err
 
 
+def _scored_file(path):
+    lines = []
+    for i, a in enumerate(WORDS):
+        for j, b in enumerate(WORDS):
+            if i != j:
+                for response, reward in ((" yes yes yes", 1.0), (" no no no", -1.0)):
+                    lines.append(json.dumps({"prompt": f"Say {a} {b}", "response": response,
+                                             "reward": reward}))
+    lines.insert(5, json.dumps({"prompt": "Say", "response": " no", "reward": "bad"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("algo", ["iql", "cql"])
+def test_token_q_learning_from_scored_samples(ray_cluster, tmp_path, algo):
+    data = _scored_file(tmp_path / "scored.jsonl")
+    cfg = load_config(preset="tiny", overrides=[
+        f"run.output_dir={tmp_path}", f"run.name={algo}", "run.steps=30",
+        f"offline.algo={algo}", f"offline.data={data}", "offline.max_bad_rows=1",
+        "offline.eval_every=15", "offline.eval_fraction=0.25", "offline.eval_pairs=32",
+        "learner.lr=5e-3", "offline.q_warmup_steps=2", "learner.batch_size=16"])
+    run_dir = train_offline(cfg)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert [r["offline/policy_trained"] for r in records[:3]] == [0.0, 0.0, 1.0]
+    last = records[-1]
+    # held-out prompts: the heads rank responses as the reward does, and the policy has moved
+    # its likelihood towards the rewarded one (the reference scores 0 on both)
+    assert last["eval/advantage_reward_corr"] > 0.8
+    assert last["eval/logratio_reward_corr"] > 0.8
+    assert last["offline/q_loss"] < records[0]["offline/q_loss"]
+    assert ("offline/cql_penalty" in last) == (algo == "cql")
+    assert ("eval/cql_penalty" in last) == (algo == "cql")
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    learner = run_dir / "checkpoints" / "step-00000030" / "learner"
+    from safetensors.torch import load_file
+
+    heads = load_file(str(learner / "q_heads.safetensors"))
+    assert {"v.weight", "q.up.weight", "target_q.up.weight"} <= set(heads)
+    assert "skipped malformed row" in (run_dir / "train.log").read_text()
+
+
 def test_offline_training_from_an_online_runs_buffer_export(ray_cluster, tmp_path):
     from rlhf_ray.cli import main
     from rlhf_ray.driver import train
@@ -78,11 +120,15 @@ def test_offline_training_from_an_online_runs_buffer_export(ray_cluster, tmp_pat
         f"run.output_dir={tmp_path}", "run.name=online", "run.steps=3"]))
     export = tmp_path / "rows.parquet"
     assert main(["buffer", "export", str(online), str(export)]) == 0
-    cfg = load_config(preset="tiny", overrides=[
-        f"run.output_dir={tmp_path}", "run.name=offline", "run.steps=3",
-        f"offline.data={export}", "offline.eval_every=3"])
-    run_dir = train_offline(cfg)
-    records = read_metrics(run_dir)
-    assert len(records) == 3 and "eval/accuracy" in records[-1]
-    log_text = (run_dir / "train.log").read_text()
-    assert "training and" in log_text and "held-out pairs" in log_text
+    for algo in ("dpo", "iql", "cql"):
+        cfg = load_config(preset="tiny", overrides=[
+            f"run.output_dir={tmp_path}", f"run.name=offline-{algo}", "run.steps=3",
+            f"offline.algo={algo}", f"offline.data={export}", "offline.eval_every=3"])
+        run_dir = train_offline(cfg)
+        records = read_metrics(run_dir)
+        assert len(records) == 3
+        key = "eval/accuracy" if algo == "dpo" else "eval/advantage_reward_corr"
+        assert key in records[-1]
+        log_text = (run_dir / "train.log").read_text()
+        kind = "pairs" if algo == "dpo" else "samples"
+        assert "training and" in log_text and f"held-out {kind}" in log_text

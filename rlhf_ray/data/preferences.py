@@ -81,16 +81,20 @@ class _BadRows:
         self.reasons[reason] += 1
         self.messages.append(message)
 
-    def finish(self, pairs: list[PreferencePair]) -> PreferenceData:
-        """The loaded data; DataError when there were too many bad rows or no pair at all."""
+    def check(self, n_valid: int, what: str = "preference") -> None:
+        """DataError when there were too many bad rows, or no valid row at all."""
         if len(self.messages) > self.limit:
             first = "; ".join(self.messages[:_QUOTED_BAD_ROWS])
             raise DataError(
-                f"{self.path}: {len(self.messages)} malformed preference rows, more than "
+                f"{self.path}: {len(self.messages)} malformed {what} rows, more than "
                 f"max_bad_rows={self.limit}; the first: {first}"
             )
-        if not pairs:
-            raise DataError(f"{self.path}: no valid preference pairs")
+        if not n_valid:
+            raise DataError(f"{self.path}: no valid {what} rows")
+
+    def finish(self, pairs: list[PreferencePair]) -> PreferenceData:
+        """The loaded data; DataError when there were too many bad rows or no pair at all."""
+        self.check(len(pairs))
         return PreferenceData(pairs, dict(self.reasons), self.messages)
 
 

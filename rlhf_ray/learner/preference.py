@@ -19,7 +19,6 @@ reference, which is the comparison the reference can take part in.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -27,38 +26,20 @@ import torch
 from rlhf_ray.algorithms.preference import dpo_loss, ipo_loss, sequence_logprobs
 from rlhf_ray.config import Config
 from rlhf_ray.data.preferences import PreferencePair
+from rlhf_ray.learner.offline_base import OfflineLearnerBase
 from rlhf_ray.models.forward import chunks, pack, response_logprobs
 
 
-class PreferenceTrainer:
+class PreferenceTrainer(OfflineLearnerBase):
     def __init__(self, cfg: Config, train: list[PreferencePair], held_out: list[PreferencePair]):
-        from rlhf_ray.learner.ppo import _lr_factor
-        from rlhf_ray.models.loading import load_policy, load_tokenizer
-
-        self.cfg = cfg
-        torch.manual_seed(cfg.run.seed)
-        self.policy = load_policy(cfg.model, with_value_head=False)
-        self.tokenizer = load_tokenizer(cfg.model)
-        self.pad_id = self.tokenizer.pad_token_id
+        super().__init__(cfg)
         self.train, self.dropped = self._tokenize(train)
         self.held_out, dropped_eval = self._tokenize(held_out[: cfg.offline.eval_pairs])
         self.dropped += dropped_eval
         if not self.train:
             raise ValueError("no training pair is left after tokenization (every prompt or "
                              "response tokenized to nothing)")
-        lrn = cfg.learner
-        params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lrn.lr, betas=(lrn.adam_beta1,
-                                                                     lrn.adam_beta2),
-                                           weight_decay=lrn.weight_decay)
-        total = cfg.run.steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: _lr_factor(lrn.lr_schedule, step, lrn.warmup_steps,
-                                                    total))
-        self.version = 0
-        self.skipped_updates = 0
-        self._order_rng = torch.Generator().manual_seed(cfg.run.seed)
-        self._order: list[int] = []
+        self._make_optimizer()
         self._ref_cache: dict[tuple[str, int], tuple[float, float]] = {}
         self.average = cfg.offline.algo == "ipo"
 
@@ -78,14 +59,6 @@ class PreferenceTrainer:
                 continue
             out.append((p.uid, prompt, chosen, rejected))
         return out, dropped
-
-    def _next_indices(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if not self._order:
-                self._order = torch.randperm(len(self.train), generator=self._order_rng).tolist()
-            out.append(self._order.pop())
-        return out
 
     # -- passes --------------------------------------------------------------------------------
     def _logprobs(self, items, *, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +97,7 @@ class PreferenceTrainer:
     def step(self) -> dict[str, float]:
         start = time.perf_counter()
         lrn = self.cfg.learner
-        batch = [self.train[i] for i in self._next_indices(lrn.batch_size)]
+        batch = [self.train[i] for i in self._next_indices(lrn.batch_size, len(self.train))]
         sums: dict[str, float] = {}
         total_loss = 0.0
         for s in chunks(len(batch), lrn.micro_batch_size):
@@ -136,20 +109,12 @@ class PreferenceTrainer:
             total_loss += float(loss.detach().sum())
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v.sum())
-        params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, lrn.max_grad_norm or 1e9)
-        if math.isfinite(total_loss) and torch.isfinite(grad_norm):
-            self.optimizer.step()
-            self.scheduler.step()
-        else:  # a NaN/inf update is skipped and reported; the weights stay as they were
-            self.skipped_updates += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.version += 1
+        grad_norm = self._apply_update(total_loss, self.adapter_parameters())
         n = len(batch)
         metrics = {f"offline/{k}": v / n for k, v in sums.items()}
         metrics.update({
             "offline/loss": total_loss / n,
-            "learner/grad_norm": float(grad_norm),
+            "learner/grad_norm": grad_norm,
             "learner/lr": self.scheduler.get_last_lr()[0],
             "learner/skipped_updates": float(self.skipped_updates),
             "learner/rows": float(n),
@@ -177,19 +142,6 @@ class PreferenceTrainer:
             sums["reference_ll_accuracy"] += float((rc > rr).float().sum())
         n = len(self.held_out)
         return {f"eval/{k}": v / n for k, v in sums.items()}
-
-    # -- state ---------------------------------------------------------------------------------
-    def save(self, path: str) -> str:
-        """The adapter (`save_pretrained`, safetensors) and the optimizer state."""
-        from pathlib import Path
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        self.policy.model.save_pretrained(out / "adapter", safe_serialization=True)
-        torch.save({"optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "version": self.version},
-                   out / "trainer_state.pt")
-        return path
 
     def info(self) -> dict:
         return {"train_pairs": len(self.train), "held_out_pairs": len(self.held_out),

@@ -91,7 +91,7 @@ def test_more_bad_rows_than_the_limit_raise_naming_the_file_and_the_first_bad_ro
 def test_files_without_a_valid_pair_or_of_other_types_are_errors(tmp_path):
     f = tmp_path / "prefs.jsonl"
     _write_jsonl(f, [{**GOOD, "chosen": " "}])
-    with pytest.raises(DataError, match="no valid preference pairs"):
+    with pytest.raises(DataError, match="no valid preference rows"):
         load_preference_pairs(f, max_bad_rows=5)
     with pytest.raises(DataError, match="cannot open"):
         load_preference_pairs(tmp_path / "absent.jsonl")

@@ -1,0 +1,231 @@
+"""Token-level offline RL on the LoRA policy from scored samples: IQL, and CQL as IQL plus the
+conservative penalty (building blocks and their indexing in ``algorithms.iql``).
+
+One forward pass of the policy per micro-batch gives the last hidden states ``s_0 .. s_T`` of
+each (prompt, response) row. From them:
+
+* the policy's log-probs of the response tokens (LM head on ``s_0 .. s_{T-1}``, temperature 1),
+  trained by advantage-weighted regression: ``-w_t * log pi(a_t | s_t)`` with
+  ``w_t = min(exp(A / awr_beta), awr_max_weight)``, divided by the sum of the weights (per
+  micro-batch, then weighted by its token share), so the step size of the policy does not grow
+  with the weights (a batch of weights at the cap would otherwise be behaviour cloning at 20
+  times the learning rate); only this loss reaches the adapter;
+* Q and V heads (``TokenQHeads``) on the states *detached* from the adapter, so the value
+  losses shape the heads only, never the policy's features: Q regresses onto
+  ``r_t + gamma * V(s_{t+1})`` (``td_targets``; the reward sits on the last token, a
+  truncated response bootstraps from ``V(s_T)``), V onto the ``tau_expectile`` expectile of the
+  target head's ``Q(s_t, a_t)``, ``A = Q_target - V``. With ``algo=cql`` the penalty
+  ``logsumexp_a Q(s_t, a) - Q(s_t, a_t)`` is added with weight ``cql_alpha`` (it needs the full
+  ``[B, T, V]`` Q, a logits-sized tensor).
+
+After each optimizer step the target Q head moves by Polyak averaging (``polyak_tau``). Q starts
+near 0 and V at 0, so every AWR weight starts near 1 (behaviour cloning) until the heads have
+learnt; ``offline.q_warmup_steps`` fits only the heads for that many steps first. Losses are
+token means over the whole batch (``learner.batch_size`` samples), the heads in their own
+parameter group at ``offline.q_lr``.
+
+Terminal responses get the EOS token appended (as online episodes that stop end with it, and as
+``replay.offline_files`` rows do), so the policy also learns where the data stops; a response
+cut at ``offline.max_response_tokens`` (or marked ``finish_reason: length``) gets none and counts
+as truncated.
+
+Held-out evaluation (``evaluate``) on the held-out samples: the TD, expectile and AWR losses;
+the correlation between the reward and the advantage summed over a response (do the heads rank
+responses as the reward does?); and between the reward and the policy's per-token log-ratio to
+the reference (adapter off; has the policy moved towards the rewarded responses?). Known limit:
+one learner only, no resume.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlhf_ray.algorithms import iql
+from rlhf_ray.config import Config
+from rlhf_ray.data.scored import ScoredSample
+from rlhf_ray.learner.offline_base import OfflineLearnerBase
+from rlhf_ray.models.forward import _causal_lm, chunks, forward_states, pack
+
+
+def _pearson(x: list[float], y: list[float]) -> float:
+    if len(x) < 2:
+        return 0.0
+    t = torch.tensor([x, y], dtype=torch.float64)
+    t = t - t.mean(dim=1, keepdim=True)
+    denom = float(t.norm(dim=1).prod())
+    return float((t[0] * t[1]).sum()) / denom if denom > 0 else 0.0
+
+
+class TokenQTrainer(OfflineLearnerBase):
+    def __init__(self, cfg: Config, train: list[ScoredSample], held_out: list[ScoredSample]):
+        super().__init__(cfg)
+        off = cfg.offline
+        self.cql_alpha = off.cql_alpha if off.algo == "cql" else 0.0
+        self.eos_id = self.tokenizer.eos_token_id
+        self.train, self.dropped = self._tokenize(train)
+        self.held_out, dropped_eval = self._tokenize(held_out[: off.eval_pairs])
+        self.dropped += dropped_eval
+        if not self.train:
+            raise ValueError("no training sample is left after tokenization (every prompt or "
+                             "response tokenized to nothing)")
+        head = _causal_lm(self.policy.model).get_output_embeddings()
+        vocab, hidden = head.weight.shape
+        self.heads = iql.TokenQHeads(hidden, vocab, q_rank=off.q_rank or None)
+        self._make_optimizer([{"params": self.heads.trainable_parameters(), "lr": off.q_lr}])
+        self._ref_cache: dict[str, float] = {}
+
+    # -- data ----------------------------------------------------------------------------------
+    def _tokenize(self, samples: list[ScoredSample]):
+        """``(uid, prompt_ids, response_ids, reward, truncated)`` per sample; samples with an
+        empty prompt or response after tokenization are dropped (counted)."""
+        tok, limit = self.tokenizer, self.cfg.data.max_prompt_tokens
+        cut = self.cfg.offline.max_response_tokens
+        out, dropped = [], 0
+        for s in samples:
+            prompt = tok(s.prompt, add_special_tokens=True)["input_ids"][-limit:]
+            response = tok(s.response, add_special_tokens=False)["input_ids"]
+            truncated = s.truncated or len(response) >= cut
+            response = response[:cut] if truncated else response + [self.eos_id]
+            if not prompt or not tok.decode(response, skip_special_tokens=True).strip():
+                dropped += 1
+                continue
+            out.append((s.uid, prompt, response, float(s.reward), truncated))
+        return out, dropped
+
+    # -- losses --------------------------------------------------------------------------------
+    def _losses(self, items, *, train_policy: bool):
+        """Per-token losses ``[m, T]`` of the items and their mask, one policy forward."""
+        packed = pack([it[1] for it in items], [it[2] for it in items], self.pad_id)
+        mask = packed.response_mask
+        ids = packed.response_ids
+        with torch.set_grad_enabled(train_policy and torch.is_grad_enabled()):
+            states = forward_states(self.policy.model, packed)  # [m, T + 1, H]
+            head = _causal_lm(self.policy.model).get_output_embeddings()
+            logp = torch.log_softmax(head(states[:, :-1]).float(), dim=-1)
+            logprobs = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
+        detached = states.detach()
+        q_taken = self.heads.q_taken(detached[:, :-1], ids)
+        q_target = self.heads.q_taken(detached[:, :-1], ids, target=True)
+        v = self.heads.values(detached)  # [m, T + 1]
+        rewards = torch.tensor([it[3] for it in items], dtype=torch.float32)
+        truncated = torch.tensor([it[4] for it in items], dtype=torch.bool)
+        targets = iql.td_targets(rewards, v[:, 1:], mask, self.cfg.offline.gamma,
+                                 truncated=truncated)
+        off = self.cfg.offline
+        advantages = iql.iql_advantages(q_target, v[:, :-1], mask)
+        policy_loss, stats = iql.awr_policy_loss(logprobs, advantages, mask, beta=off.awr_beta,
+                                                 max_weight=off.awr_max_weight)
+        losses = {
+            "q_loss": iql.q_loss(q_taken, targets, mask),
+            "v_loss": iql.expectile_loss(q_target - v[:, :-1], mask, off.tau_expectile),
+            "policy_loss": policy_loss,
+        }
+        if self.cql_alpha > 0:
+            q_all = self.heads.q_values(detached[:, :-1])
+            losses["cql_penalty"] = iql.cql_penalty(q_all, q_taken, mask)
+        return losses, mask, logprobs.detach(), advantages, stats
+
+    def _total(self, losses: dict, mask: torch.Tensor, weight_sum: float, tokens: int,
+               train_policy: bool) -> torch.Tensor:
+        """The micro-batch's share of the batch loss: value losses as token means over the
+        batch, the AWR loss as this micro-batch's weighted mean NLL times its token share."""
+        total = (losses["q_loss"] + losses["v_loss"]).sum() / tokens
+        if "cql_penalty" in losses:
+            total = total + self.cql_alpha * losses["cql_penalty"].sum() / tokens
+        if train_policy and weight_sum > 0:
+            share = float(mask.sum()) / tokens
+            total = total + losses["policy_loss"].sum() / weight_sum * share
+        return total
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        start = time.perf_counter()
+        lrn = self.cfg.learner
+        train_policy = self.version >= self.cfg.offline.q_warmup_steps
+        batch = [self.train[i] for i in self._next_indices(lrn.batch_size, len(self.train))]
+        tokens = sum(len(it[2]) for it in batch)
+        sums: dict[str, float] = {}
+        total_loss = 0.0
+        for s in chunks(len(batch), lrn.micro_batch_size):
+            losses, mask, logprobs, _, stats = self._losses(batch[s], train_policy=train_policy)
+            weight_sum = float(stats["weight_mean"]) * float(mask.sum())
+            loss = self._total(losses, mask, weight_sum, tokens, train_policy)
+            loss.backward()
+            total_loss += float(loss.detach())
+            m = float(mask.sum())
+            sums["nll"] = sums.get("nll", 0.0) - float(logprobs.sum())
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
+            for k in ("weight_mean", "weight_capped_frac", "advantage_mean"):
+                sums[k] = sums.get(k, 0.0) + float(stats[k]) * m
+            sums["weight_max"] = max(sums.get("weight_max", 0.0), float(stats["weight_max"]))
+        params = self.adapter_parameters() + self.heads.trainable_parameters()
+        grad_norm = self._apply_update(total_loss, params)
+        self.heads.update_target(self.cfg.offline.polyak_tau)
+        metrics = {f"offline/{k}": (v if k == "weight_max" else v / tokens)
+                   for k, v in sums.items()}
+        metrics.update({
+            "offline/loss": total_loss,
+            "offline/policy_trained": float(train_policy),
+            "learner/grad_norm": grad_norm,
+            "learner/lr": self.scheduler.get_last_lr()[0],
+            "learner/skipped_updates": float(self.skipped_updates),
+            "learner/rows": float(len(batch)),
+            "learner/tokens": float(tokens),
+            "weights/version": float(self.version),
+            "perf/train_s": time.perf_counter() - start,
+        })
+        return metrics
+
+    @torch.no_grad()
+    def _reference_logratio(self, items, logprobs: torch.Tensor, mask: torch.Tensor):
+        """Per-response mean log-ratio policy/reference; reference log-probs cached by uid."""
+        from rlhf_ray.models.forward import response_logprobs
+        from rlhf_ray.models.loading import reference_mode
+
+        missing = [i for i, it in enumerate(items) if it[0] not in self._ref_cache]
+        if missing:
+            sub = [items[i] for i in missing]
+            packed = pack([it[1] for it in sub], [it[2] for it in sub], self.pad_id)
+            with reference_mode(self.policy.model):
+                ref = response_logprobs(self.policy.model, packed).logprobs
+            for it, row in zip(sub, ref.sum(-1).tolist()):
+                self._ref_cache[it[0]] = row
+        n = mask.sum(-1).clamp_min(1)
+        ref_sum = torch.tensor([self._ref_cache[it[0]] for it in items])
+        return ((logprobs.sum(-1) - ref_sum) / n).tolist()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out losses and correlations (see the module docstring)."""
+        if not self.held_out:
+            return {}
+        sums: dict[str, float] = {}
+        tokens = 0.0
+        rewards, adv_sums, logratios = [], [], []
+        for s in chunks(len(self.held_out), self.cfg.learner.micro_batch_size):
+            items = self.held_out[s]
+            losses, mask, logprobs, advantages, _ = self._losses(items, train_policy=False)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.sum())
+            tokens += float(mask.sum())
+            rewards += [it[3] for it in items]
+            adv_sums += advantages.sum(-1).tolist()
+            logratios += self._reference_logratio(items, logprobs, mask)
+        out = {f"eval/{k}": v / tokens for k, v in sums.items()}
+        out["eval/advantage_reward_corr"] = _pearson(adv_sums, rewards)
+        out["eval/logratio_reward_corr"] = _pearson(logratios, rewards)
+        out["eval/logratio_mean"] = sum(logratios) / len(logratios)
+        return out
+
+    def _extra_modules(self) -> dict[str, torch.nn.Module]:
+        return {"q_heads": self.heads}
+
+    def info(self) -> dict:
+        rewards = [it[3] for it in self.train]
+        return {"train_samples": len(self.train), "held_out_samples": len(self.held_out),
+                "dropped_samples": self.dropped,
+                "train_reward_mean": sum(rewards) / len(rewards),
+                "truncated_samples": sum(it[4] for it in self.train)}
