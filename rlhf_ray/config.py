@@ -335,6 +335,9 @@ class OfflineConfig:
     q_warmup_steps: int = 0
     """IQL/CQL: steps that fit only Q and V before the policy starts to move (their AWR weights
     are all about 1 at the start)."""
+    pretrain_steps: int = 0
+    """`rlhf-ray train` only: first this many offline steps (offline.algo on offline.data, into
+    RUN_DIR/pretrain), then online training starting from, and referenced to, that adapter."""
 
 
 @dataclass
@@ -362,6 +365,17 @@ def offline_data(cfg: Config) -> str:
     if cfg.offline.data:
         return cfg.offline.data
     return "movie-review-preferences" if cfg.offline.algo in PAIR_ALGOS else "movie-review-samples"
+
+
+def pretrain_config(cfg: Config) -> Config:
+    """The offline run of `offline.pretrain_steps` that precedes online training."""
+    import copy
+
+    pre = copy.deepcopy(cfg)
+    pre.run.steps = cfg.offline.pretrain_steps
+    pre.offline.pretrain_steps = 0
+    pre.learner.num = 1
+    return pre
 
 
 def preset_names() -> list[str]:
@@ -411,7 +425,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _merge_file(base, path: Path):
+def _merge_file(base, path: Path, *, preset_chain: tuple[str, ...] = ()):
+    """Merges one YAML file onto ``base``. A preset (``preset_chain`` non-empty: the presets
+    being merged) may name another preset under a top-level ``base:`` key, merged first."""
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
@@ -420,6 +436,14 @@ def _merge_file(base, path: Path):
         raise ConfigError(f"{where}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    if preset_chain and "base" in data:
+        parent = data.pop("base")
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: base: expected a preset name, got {parent!r}")
+        if parent in preset_chain:
+            chain = " -> ".join((*preset_chain, parent))
+            raise ConfigError(f"{path}: base: {parent!r} makes the presets loop ({chain})")
+        base = _merge_file(base, _preset_path(parent), preset_chain=(*preset_chain, parent))
     try:
         return OmegaConf.merge(base, data)
     except OmegaConfBaseException as e:
@@ -443,7 +467,7 @@ def load_config(
     """Builds and validates a Config from a preset, YAML files and `a.b=value` overrides."""
     cfg = OmegaConf.structured(Config)
     if preset:
-        cfg = _merge_file(cfg, _preset_path(preset))
+        cfg = _merge_file(cfg, _preset_path(preset), preset_chain=(preset,))
     for f in files:
         path = Path(f)
         if not path.is_file():
@@ -664,7 +688,8 @@ def validate(cfg: Config) -> None:
                        ("offline.eval_pairs", off.eval_pairs), ("offline.q_lr", off.q_lr)]:
         _positive(key, value)
     for key, value in [("offline.max_bad_rows", off.max_bad_rows), ("offline.q_rank", off.q_rank),
-                       ("offline.q_warmup_steps", off.q_warmup_steps)]:
+                       ("offline.q_warmup_steps", off.q_warmup_steps),
+                       ("offline.pretrain_steps", off.pretrain_steps)]:
         _positive(key, value, allow_zero=True)
     if off.algo in ("iql", "cql"):
         from rlhf_ray.algorithms.iql import check_iql_settings
@@ -678,9 +703,11 @@ def validate(cfg: Config) -> None:
                 | {"beta": "offline.awr_beta", "max_weight": "offline.awr_max_weight"})
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if off.q_warmup_steps >= cfg.run.steps:
+        steps, key = ((off.pretrain_steps, "offline.pretrain_steps") if off.pretrain_steps
+                      else (cfg.run.steps, "run.steps"))
+        if off.q_warmup_steps >= steps:
             raise ConfigError(f"offline.q_warmup_steps={off.q_warmup_steps}: must be below "
-                              f"run.steps={cfg.run.steps}, or the policy never trains")
+                              f"{key}={steps}, or the policy never trains")
     if not 0 <= off.label_smoothing < 0.5:
         raise ConfigError(f"offline.label_smoothing={off.label_smoothing}: must be in [0, 0.5)")
     if not 0 < off.eval_fraction < 1:

@@ -432,6 +432,14 @@ class Trainer:
         train, _held_out = split_prompts(load_prompts(cfg.data), cfg.data.eval_fraction)
         self.cursor = PromptCursor(train, seed=cfg.data.seed)
         self.resume = resume
+        # offline pre-training data, read now: bad data stops the run before it starts
+        self._pretrain = None
+        if cfg.offline.pretrain_steps and not resume:
+            from rlhf_ray.config import pretrain_config
+            from rlhf_ray.offline_driver import load_data
+
+            pre = pretrain_config(cfg)
+            self._pretrain = (pre, load_data(pre))
         if resume:
             if run_dir is None or not str(run_dir) or not (Path(run_dir) / "config.yaml").is_file():
                 raise FileNotFoundError(f"cannot resume {str(run_dir)!r}: not a run directory "
@@ -563,6 +571,8 @@ class Trainer:
             init_ray(cfg)
             check_resources(cfg)
             log.info("run directory: %s", run_dir)
+            if self._pretrain is not None:
+                self._run_pretraining()
             t0 = time.perf_counter()
             system = self.system = self._restore() if self.resume else build_system(cfg, run_dir)
             if self.resume:
@@ -605,6 +615,18 @@ class Trainer:
             os.close(self._lock)  # releases the run directory
         self._finish(sink.history)
         return sink.history[-1] if sink.history else {}
+
+    def _run_pretraining(self) -> None:
+        """`offline.pretrain_steps` offline steps into RUN_DIR/pretrain; online training then
+        starts from that adapter (it becomes `model.adapter_path`, so also the reference, and a
+        resume never pre-trains again)."""
+        from rlhf_ray.offline_driver import run_offline
+
+        pre, data = self._pretrain
+        log.info("offline pre-training: %d %s steps", pre.run.steps, pre.offline.algo)
+        adapter = run_offline(pre, self.run_dir / "pretrain", data)
+        self.cfg.model.adapter_path = str(adapter)
+        self._write_config()
 
     def _write_config(self) -> None:
         text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)

@@ -81,30 +81,46 @@ def _check_not_builtin_of_other_kind(data: str, cfg: Config) -> None:
 
 
 def train_offline(cfg: Config) -> Path:
-    import ray
-
-    from rlhf_ray import checkpoint
+    """`rlhf-ray offline`: a new run directory, its log, Ray, then ``run_offline``."""
     from rlhf_ray.driver import init_ray, make_run_dir, setup_logging
-    from rlhf_ray.metrics import MetricsSink, plot_curves
 
     if cfg.learner.num != 1:
         raise ConfigError(f"learner.num={cfg.learner.num}: rlhf-ray offline runs one learner")
+    data = load_data(cfg)  # before Ray and before the run directory: bad data stops here
+    run_dir = make_run_dir(cfg)
+    setup_logging(run_dir)
+    init_ray(cfg)
+    run_offline(cfg, run_dir, data)
+    return run_dir
+
+
+def load_data(cfg: Config):
+    """``(train, held_out, report)`` of the algorithm's kind (pairs or scored samples)."""
+    return (load_pairs if cfg.offline.algo in PAIR_ALGOS else load_samples)(cfg)
+
+
+def run_offline(cfg: Config, run_dir: Path, data=None) -> Path:
+    """Trains ``run.steps`` offline steps in one learner actor into ``run_dir`` (config.yaml,
+    metrics, checkpoints, adapter/, summary.yaml); Ray must be up. Returns the adapter's folder.
+    ``data`` is what ``load_data`` returns (loaded here when None)."""
+    import ray
+
+    from rlhf_ray import checkpoint
+    from rlhf_ray.metrics import MetricsSink, plot_curves
+
     pairs = cfg.offline.algo in PAIR_ALGOS
     if pairs:
         from rlhf_ray.learner.preference import PreferenceTrainer as trainer_class
     else:
         from rlhf_ray.learner.token_q import TokenQTrainer as trainer_class
-    # before Ray: bad data stops the run here
-    train, held_out, report = (load_pairs if pairs else load_samples)(cfg)
-    run_dir = make_run_dir(cfg)
-    setup_logging(run_dir)
+    train, held_out, report = data if data is not None else load_data(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for message in report["bad_rows"][:20]:
         log.warning("skipped malformed row: %s", message)
     log.info("run directory: %s; %s %s: %d training and %d held-out %s (%s)", run_dir,
              cfg.offline.algo, offline_data(cfg), len(train), len(held_out),
              "pairs" if pairs else "samples", report["skipped"] or "none skipped")
-    init_ray(cfg)
     t0 = time.perf_counter()
     lr = cfg.learner
     learner = ray.remote(trainer_class).options(
@@ -141,9 +157,9 @@ def train_offline(cfg: Config) -> Path:
         plot_curves(sink.history, run_dir / "curves.png",
                     keys=("offline/loss", "offline/reward_margin") if pairs else
                     ("offline/policy_loss", "offline/q_loss", "offline/v_loss"))
-    log.info("done: %d steps in %.0fs; adapter in %s", cfg.run.steps,
+    log.info("done: %d offline steps in %.0fs; adapter in %s", cfg.run.steps,
              time.perf_counter() - t0, run_dir / "adapter")
-    return run_dir
+    return run_dir / "adapter"
 
 
 def _fmt(metrics: dict) -> str:

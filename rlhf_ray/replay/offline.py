@@ -1,7 +1,9 @@
 """Offline data: rows loaded from files at start into the replay buffer's offline table.
 
 The learner mixes `replay.offline_fraction` of each batch from the offline table (no staleness
-limit, no reuse limit, no rate limit). `replay.offline_files` lists files of two formats:
+limit, no reuse limit, no rate limit). `replay.offline_files` lists builtin sets
+(`movie-review-samples`, `movie-review-preferences`: their training side, see
+`builtin_records`) and files of two formats:
 
 Experience Parquet (`.parquet`)
     Rows with exactly `EXPERIENCE_SCHEMA` (e.g. written by `rlhf-ray buffer export`). They are
@@ -53,6 +55,7 @@ from rlhf_ray.data.prompts import DataError, iter_jsonl_objects
 from rlhf_ray.types import EXPERIENCE_SCHEMA
 
 SUFFIXES = (".parquet", ".jsonl")
+BUILTIN_SETS = ("movie-review-samples", "movie-review-preferences")
 
 
 def offline_uid(path: Path | str, line_no: int) -> str:
@@ -62,10 +65,13 @@ def offline_uid(path: Path | str, line_no: int) -> str:
 
 
 def check_offline_files(cfg: Config, *, contents: bool = True) -> None:
-    """Every `replay.offline_files` entry is an existing file with a supported suffix (any case)
-    and, with `contents`, readable rows: a file that is bad or holds no row is an error here,
-    in the driver, before any actor starts (the files are read again when loaded)."""
+    """Every `replay.offline_files` entry is a builtin set or an existing file with a supported
+    suffix (any case) and, with `contents`, readable rows: a file that is bad or holds no row is
+    an error here, in the driver, before any actor starts (the files are read again when
+    loaded)."""
     for f in cfg.replay.offline_files:
+        if f in BUILTIN_SETS:
+            continue
         path = Path(f).expanduser()
         suffix = path.suffix.lower()
         if suffix not in SUFFIXES:
@@ -159,6 +165,32 @@ def read_scored_jsonl(path: Path | str) -> list[dict]:
     return records
 
 
+def builtin_records(cfg: Config, name: str) -> list[dict]:
+    """The training side of a builtin offline set as records for `score_records`:
+    `movie-review-samples` with its rewards (the builtin reward, `scorer.reward`), or
+    `movie-review-preferences` as pairs (chosen 1, rejected 0, as for a JSONL pair). The
+    held-out side is left out, so evaluation prompts stay unseen."""
+    from rlhf_ray.data.preferences import movie_review_preferences
+    from rlhf_ray.data.scored import movie_review_samples
+
+    off, dataset = cfg.offline, f"builtin:{name}"
+    if name == "movie-review-samples":
+        train, _ = movie_review_samples(cfg.data.opening_words, cfg.data.eval_fraction,
+                                        samples_per_prompt=off.samples_per_prompt,
+                                        reward=cfg.scorer.reward)
+        return [{"uid": f"{dataset}:{s.uid}", "prompt": s.prompt, "response": s.response,
+                 "reward": s.reward, "where": f"{dataset} {s.uid}", "dataset": dataset}
+                for s in train]
+    train, _ = movie_review_preferences(cfg.data.opening_words, cfg.data.eval_fraction,
+                                        rejected_per_prompt=off.rejected_per_prompt,
+                                        negative_prompts=off.negative_prompts)
+    return [{"uid": f"{dataset}:{p.uid}-{side}", "prompt": p.prompt, "response": text,
+             "reward": reward, "where": f"{dataset} {p.uid} ({side})", "dataset": dataset,
+             "pair": p.uid}
+            for p in train for side, text, reward in (("chosen", p.chosen, 1.0),
+                                                       ("rejected", p.rejected, 0.0))]
+
+
 def _score(scorer, records: list[dict]) -> pa.Table:
     method = scorer.score_records
     if hasattr(method, "remote"):  # a Ray actor handle
@@ -183,6 +215,9 @@ def load_offline_rows(cfg: Config, scorer) -> pa.Table:
     check_offline_files(cfg, contents=False)
     tables = []
     for f in cfg.replay.offline_files:
+        if f in BUILTIN_SETS:
+            tables.append(_score(scorer, builtin_records(cfg, f)))
+            continue
         path = Path(f).expanduser()
         if path.suffix.lower() == ".parquet":
             tables.append(read_experience_parquet(path))
