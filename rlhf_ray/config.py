@@ -316,6 +316,9 @@ class OfflineConfig:
     """Held-out pairs (dpo/ipo) or samples (iql/cql) evaluated at most (the first ones)."""
     gamma: float = 1.0
     """IQL/CQL: discount per token."""
+    td_lambda: float = 0.0
+    """IQL/CQL: lambda of the Q targets' returns, in [0, 1]; 0 is IQL's one-step target
+    r + gamma * V(s'), 1 the data's Monte-Carlo return."""
     tau_expectile: float = 0.7
     """IQL/CQL: the expectile of the V regression, in (0, 1); above 0.5 V leans towards the
     best in-data action."""
@@ -332,6 +335,10 @@ class OfflineConfig:
     """IQL/CQL: rank of the Q head over the vocabulary (H -> r -> V); 0 builds the full head."""
     q_lr: float = 1.0e-3
     """IQL/CQL: learning rate of the Q and V heads (the adapter uses learner.lr)."""
+    q_updates_per_step: int = 8
+    """IQL/CQL: updates of the Q and V heads (each with a Polyak step of the target) per policy
+    step, on that step's batch; cheap (the heads read stored states), and each one carries
+    the end-of-response reward one more token back through the TD targets."""
     q_warmup_steps: int = 0
     """IQL/CQL: steps that fit only Q and V before the policy starts to move (their AWR weights
     are all about 1 at the start)."""
@@ -685,7 +692,8 @@ def validate(cfg: Config) -> None:
                        ("offline.rejected_per_prompt", off.rejected_per_prompt),
                        ("offline.samples_per_prompt", off.samples_per_prompt),
                        ("offline.eval_every", off.eval_every),
-                       ("offline.eval_pairs", off.eval_pairs), ("offline.q_lr", off.q_lr)]:
+                       ("offline.eval_pairs", off.eval_pairs), ("offline.q_lr", off.q_lr),
+                       ("offline.q_updates_per_step", off.q_updates_per_step)]:
         _positive(key, value)
     for key, value in [("offline.max_bad_rows", off.max_bad_rows), ("offline.q_rank", off.q_rank),
                        ("offline.q_warmup_steps", off.q_warmup_steps),
@@ -705,6 +713,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(str(e)) from None
         steps, key = ((off.pretrain_steps, "offline.pretrain_steps") if off.pretrain_steps
                       else (cfg.run.steps, "run.steps"))
+        if not 0.0 <= off.td_lambda <= 1.0:
+            raise ConfigError(f"offline.td_lambda={off.td_lambda}: must be in [0, 1]")
         if off.q_warmup_steps >= steps:
             raise ConfigError(f"offline.q_warmup_steps={off.q_warmup_steps}: must be below "
                               f"{key}={steps}, or the policy never trains")

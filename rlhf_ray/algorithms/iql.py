@@ -98,8 +98,18 @@ def td_targets(
     *,
     truncated: Tensor | None = None,
     per_token_rewards: Tensor | None = None,
+    lam: float = 0.0,
 ) -> Tensor:
-    """One-step targets for ``Q(s_t, a_t)``: ``r_t + gamma * V(s_{t+1})``, without gradient.
+    """Targets for ``Q(s_t, a_t)``: one-step ``r_t + gamma * V(s_{t+1})`` (``lam = 0``, IQL's
+    own), or lambda-returns, without gradient.
+
+    With ``lam > 0`` the target is the lambda-return ``G_t = r_t + gamma * ((1 - lam) *
+    V(s_{t+1}) + lam * G_{t+1})``, computed backwards as ``G_t = y_t + gamma * lam * (G_{t+1} -
+    V(s_{t+1}))`` from the one-step targets ``y_t``; the last valid token keeps its one-step
+    target (0 or ``V(s_T)`` after it, as below). ``lam = 1`` is the Monte-Carlo return of the
+    data. A larger ``lam`` carries an end-of-response reward back over many tokens in one update
+    instead of one token per update, at the price of estimating the value of the data's own
+    continuation rather than the best in-data one (the expectile of V still leans up).
 
     ``r_t`` is ``per_token_rewards[b, t]`` (0 when None; e.g. ``-kl_coef * kl`` against the
     reference) plus, on the last valid token of row ``b``, the sequence reward ``rewards[b]``.
@@ -121,6 +131,7 @@ def td_targets(
         truncated: ``[B]`` bool, True where the response was cut rather than ended by EOS;
             all terminal when None.
         per_token_rewards: ``[B, T]`` extra reward on every valid token; none when None.
+        lam: the lambda of the returns, in [0, 1]; 0 gives one-step targets.
 
     Returns:
         ``[B, T]`` targets, exactly 0 at masked positions. A row with no valid token gets 0.
@@ -136,6 +147,8 @@ def td_targets(
     _check_shape("rewards", rewards, valid.shape[:1])
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lam}")
 
     with torch.no_grad():
         last, has_valid = last_valid_index(valid)
@@ -160,7 +173,17 @@ def td_targets(
             _check_shape("truncated", truncated, valid.shape[:1])
             bootstrap = bootstrap | as_bool_mask(truncated).unsqueeze(1)
         next_value = torch.where(valid & bootstrap, v_next.detach().float(), 0.0)
-        return torch.where(valid, r + gamma * next_value, 0.0)
+        targets = torch.where(valid, r + gamma * next_value, 0.0)
+        if lam > 0:
+            # the tokens whose successor is a valid token of the same row
+            continues = valid & ~is_last
+            returns = targets.clone()
+            for t in range(valid.shape[1] - 2, -1, -1):
+                correction = gamma * lam * (returns[:, t + 1] - next_value[:, t])
+                returns[:, t] = torch.where(continues[:, t], targets[:, t] + correction,
+                                            targets[:, t])
+            targets = torch.where(valid, returns, 0.0)
+        return targets
 
 
 def q_loss(q_taken: Tensor, targets: Tensor, mask: Tensor) -> Tensor:

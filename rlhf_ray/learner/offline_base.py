@@ -78,6 +78,10 @@ class OfflineLearnerBase:
         """Modules saved beside the adapter, by file stem."""
         return {}
 
+    def _extra_state(self) -> dict:
+        """More entries of ``trainer_state.pt``."""
+        return {}
+
     def save(self, path: str) -> str:
         from safetensors.torch import save_file
 
@@ -88,6 +92,7 @@ class OfflineLearnerBase:
             state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
             save_file(state, str(out / f"{name}.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "version": self.version},
+                    "scheduler": self.scheduler.state_dict(), "version": self.version,
+                    **self._extra_state()},
                    out / "trainer_state.pt")
         return path

@@ -42,11 +42,25 @@ import time
 
 import torch
 
+from dataclasses import dataclass
+
 from rlhf_ray.algorithms import iql
 from rlhf_ray.config import Config
 from rlhf_ray.data.scored import ScoredSample
 from rlhf_ray.learner.offline_base import OfflineLearnerBase
 from rlhf_ray.models.forward import _causal_lm, chunks, forward_states, pack
+
+
+@dataclass
+class _Rows:
+    """One micro-batch after the policy forward."""
+
+    states: torch.Tensor  # [m, T + 1, H], detached
+    ids: torch.Tensor  # [m, T]
+    mask: torch.Tensor  # [m, T]
+    logprobs: torch.Tensor  # [m, T], with gradient while the policy update needs it
+    rewards: torch.Tensor  # [m]
+    truncated: torch.Tensor  # [m] bool
 
 
 def _pearson(x: list[float], y: list[float]) -> float:
@@ -61,7 +75,7 @@ def _pearson(x: list[float], y: list[float]) -> float:
 class TokenQTrainer(OfflineLearnerBase):
     def __init__(self, cfg: Config, train: list[ScoredSample], held_out: list[ScoredSample]):
         super().__init__(cfg)
-        off = cfg.offline
+        off, lrn = cfg.offline, cfg.learner
         self.cql_alpha = off.cql_alpha if off.algo == "cql" else 0.0
         self.eos_id = self.tokenizer.eos_token_id
         self.train, self.dropped = self._tokenize(train)
@@ -73,7 +87,10 @@ class TokenQTrainer(OfflineLearnerBase):
         head = _causal_lm(self.policy.model).get_output_embeddings()
         vocab, hidden = head.weight.shape
         self.heads = iql.TokenQHeads(hidden, vocab, q_rank=off.q_rank or None)
-        self._make_optimizer([{"params": self.heads.trainable_parameters(), "lr": off.q_lr}])
+        self._make_optimizer()
+        # the heads have their own AdamW (constant rate): they update several times per step
+        self.head_optimizer = torch.optim.AdamW(self.heads.trainable_parameters(), lr=off.q_lr,
+                                                betas=(lrn.adam_beta1, lrn.adam_beta2))
         self._ref_cache: dict[str, float] = {}
 
     # -- data ----------------------------------------------------------------------------------
@@ -94,80 +111,104 @@ class TokenQTrainer(OfflineLearnerBase):
             out.append((s.uid, prompt, response, float(s.reward), truncated))
         return out, dropped
 
-    # -- losses --------------------------------------------------------------------------------
-    def _losses(self, items, *, train_policy: bool):
-        """Per-token losses ``[m, T]`` of the items and their mask, one policy forward."""
+    # -- passes --------------------------------------------------------------------------------
+    def _forward(self, items, *, train_policy: bool) -> _Rows:
+        """One policy forward over the items: log-probs (with gradient when training the
+        policy) and the detached states the heads read."""
         packed = pack([it[1] for it in items], [it[2] for it in items], self.pad_id)
-        mask = packed.response_mask
-        ids = packed.response_ids
+        mask, ids = packed.response_mask, packed.response_ids
         with torch.set_grad_enabled(train_policy and torch.is_grad_enabled()):
             states = forward_states(self.policy.model, packed)  # [m, T + 1, H]
             head = _causal_lm(self.policy.model).get_output_embeddings()
             logp = torch.log_softmax(head(states[:, :-1]).float(), dim=-1)
             logprobs = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
-        detached = states.detach()
-        q_taken = self.heads.q_taken(detached[:, :-1], ids)
-        q_target = self.heads.q_taken(detached[:, :-1], ids, target=True)
-        v = self.heads.values(detached)  # [m, T + 1]
-        rewards = torch.tensor([it[3] for it in items], dtype=torch.float32)
-        truncated = torch.tensor([it[4] for it in items], dtype=torch.bool)
-        targets = iql.td_targets(rewards, v[:, 1:], mask, self.cfg.offline.gamma,
-                                 truncated=truncated)
-        off = self.cfg.offline
-        advantages = iql.iql_advantages(q_target, v[:, :-1], mask)
-        policy_loss, stats = iql.awr_policy_loss(logprobs, advantages, mask, beta=off.awr_beta,
-                                                 max_weight=off.awr_max_weight)
+        return _Rows(
+            states=states.detach(), ids=ids, mask=mask, logprobs=logprobs,
+            rewards=torch.tensor([it[3] for it in items], dtype=torch.float32),
+            truncated=torch.tensor([it[4] for it in items], dtype=torch.bool))
+
+    def _advantages(self, rows: _Rows) -> torch.Tensor:
+        with torch.no_grad():
+            q_target = self.heads.q_taken(rows.states[:, :-1], rows.ids, target=True)
+            v = self.heads.values(rows.states[:, :-1])
+        return iql.iql_advantages(q_target, v, rows.mask)
+
+    def _value_losses(self, rows: _Rows) -> dict[str, torch.Tensor]:
+        """Per-token TD, expectile (and CQL) losses ``[m, T]`` of the heads on ``rows``."""
+        off, states = self.cfg.offline, rows.states
+        q_taken = self.heads.q_taken(states[:, :-1], rows.ids)
+        q_target = self.heads.q_taken(states[:, :-1], rows.ids, target=True)
+        v = self.heads.values(states)  # [m, T + 1]
+        targets = iql.td_targets(rows.rewards, v[:, 1:], rows.mask, off.gamma,
+                                 truncated=rows.truncated, lam=off.td_lambda)
         losses = {
-            "q_loss": iql.q_loss(q_taken, targets, mask),
-            "v_loss": iql.expectile_loss(q_target - v[:, :-1], mask, off.tau_expectile),
-            "policy_loss": policy_loss,
+            "q_loss": iql.q_loss(q_taken, targets, rows.mask),
+            "v_loss": iql.expectile_loss(q_target - v[:, :-1], rows.mask, off.tau_expectile),
         }
         if self.cql_alpha > 0:
-            q_all = self.heads.q_values(detached[:, :-1])
-            losses["cql_penalty"] = iql.cql_penalty(q_all, q_taken, mask)
-        return losses, mask, logprobs.detach(), advantages, stats
+            q_all = self.heads.q_values(states[:, :-1])
+            losses["cql_penalty"] = iql.cql_penalty(q_all, q_taken, rows.mask)
+        return losses
 
-    def _total(self, losses: dict, mask: torch.Tensor, weight_sum: float, tokens: int,
-               train_policy: bool) -> torch.Tensor:
-        """The micro-batch's share of the batch loss: value losses as token means over the
-        batch, the AWR loss as this micro-batch's weighted mean NLL times its token share."""
-        total = (losses["q_loss"] + losses["v_loss"]).sum() / tokens
-        if "cql_penalty" in losses:
-            total = total + self.cql_alpha * losses["cql_penalty"].sum() / tokens
-        if train_policy and weight_sum > 0:
-            share = float(mask.sum()) / tokens
-            total = total + losses["policy_loss"].sum() / weight_sum * share
-        return total
+    def _fit_heads(self, stash: list[_Rows], tokens: int) -> dict[str, float]:
+        """``offline.q_updates_per_step`` updates of the heads on the step's rows, each followed
+        by a Polyak step of the target; returns the first update's losses (token sums)."""
+        off = self.cfg.offline
+        first: dict[str, float] = {}
+        params = self.heads.trainable_parameters()
+        for update in range(off.q_updates_per_step):
+            for rows in stash:
+                losses = self._value_losses(rows)
+                total = (losses["q_loss"] + losses["v_loss"]).sum()
+                if "cql_penalty" in losses:
+                    total = total + self.cql_alpha * losses["cql_penalty"].sum()
+                (total / tokens).backward()
+                if update == 0:
+                    for k, v in losses.items():
+                        first[k] = first.get(k, 0.0) + float(v.detach().sum())
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.max_grad_norm or 1e9)
+            if torch.isfinite(norm):
+                self.head_optimizer.step()
+            self.head_optimizer.zero_grad(set_to_none=True)
+            self.heads.update_target(off.polyak_tau)
+        return first
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
+        """One policy update by AWR (advantages from the heads as they are), then the heads'
+        updates on the same rows."""
         start = time.perf_counter()
-        lrn = self.cfg.learner
-        train_policy = self.version >= self.cfg.offline.q_warmup_steps
+        off, lrn = self.cfg.offline, self.cfg.learner
+        train_policy = self.version >= off.q_warmup_steps
         batch = [self.train[i] for i in self._next_indices(lrn.batch_size, len(self.train))]
         tokens = sum(len(it[2]) for it in batch)
         sums: dict[str, float] = {}
-        total_loss = 0.0
+        policy_loss, stash = 0.0, []
         for s in chunks(len(batch), lrn.micro_batch_size):
-            losses, mask, logprobs, _, stats = self._losses(batch[s], train_policy=train_policy)
-            weight_sum = float(stats["weight_mean"]) * float(mask.sum())
-            loss = self._total(losses, mask, weight_sum, tokens, train_policy)
-            loss.backward()
-            total_loss += float(loss.detach())
-            m = float(mask.sum())
-            sums["nll"] = sums.get("nll", 0.0) - float(logprobs.sum())
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
+            rows = self._forward(batch[s], train_policy=train_policy)
+            stash.append(rows)
+            m = float(rows.mask.sum())
+            advantages = self._advantages(rows)
+            loss, stats = iql.awr_policy_loss(rows.logprobs, advantages, rows.mask,
+                                              beta=off.awr_beta, max_weight=off.awr_max_weight)
+            weight_sum = float(stats["weight_mean"]) * m
+            if train_policy and weight_sum > 0:
+                # this micro-batch's weighted mean NLL, times its token share
+                share = (loss.sum() / weight_sum) * (m / tokens)
+                share.backward()
+                policy_loss += float(share.detach())
+            sums["nll"] = sums.get("nll", 0.0) - float(rows.logprobs.detach().sum())
             for k in ("weight_mean", "weight_capped_frac", "advantage_mean"):
                 sums[k] = sums.get(k, 0.0) + float(stats[k]) * m
             sums["weight_max"] = max(sums.get("weight_max", 0.0), float(stats["weight_max"]))
-        params = self.adapter_parameters() + self.heads.trainable_parameters()
-        grad_norm = self._apply_update(total_loss, params)
-        self.heads.update_target(self.cfg.offline.polyak_tau)
+            rows.logprobs = rows.logprobs.detach()
+        grad_norm = (self._apply_update(policy_loss, self.adapter_parameters()) if train_policy
+                     else self._count_step())
+        sums.update(self._fit_heads(stash, tokens))
         metrics = {f"offline/{k}": (v if k == "weight_max" else v / tokens)
                    for k, v in sums.items()}
         metrics.update({
-            "offline/loss": total_loss,
+            "offline/policy_loss": policy_loss,
             "offline/policy_trained": float(train_policy),
             "learner/grad_norm": grad_norm,
             "learner/lr": self.scheduler.get_last_lr()[0],
@@ -178,6 +219,13 @@ class TokenQTrainer(OfflineLearnerBase):
             "perf/train_s": time.perf_counter() - start,
         })
         return metrics
+
+    def _count_step(self) -> float:
+        """A warm-up step: the heads train, the adapter does not (its schedule still moves)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.version += 1
+        return 0.0
 
     @torch.no_grad()
     def _reference_logratio(self, items, logprobs: torch.Tensor, mask: torch.Tensor):
@@ -202,18 +250,24 @@ class TokenQTrainer(OfflineLearnerBase):
         """Held-out losses and correlations (see the module docstring)."""
         if not self.held_out:
             return {}
+        off = self.cfg.offline
         sums: dict[str, float] = {}
         tokens = 0.0
         rewards, adv_sums, logratios = [], [], []
         for s in chunks(len(self.held_out), self.cfg.learner.micro_batch_size):
             items = self.held_out[s]
-            losses, mask, logprobs, advantages, _ = self._losses(items, train_policy=False)
+            rows = self._forward(items, train_policy=False)
+            losses = self._value_losses(rows)
+            advantages = self._advantages(rows)
+            losses["policy_loss"], _ = iql.awr_policy_loss(
+                rows.logprobs, advantages, rows.mask, beta=off.awr_beta,
+                max_weight=off.awr_max_weight)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.sum())
-            tokens += float(mask.sum())
+            tokens += float(rows.mask.sum())
             rewards += [it[3] for it in items]
             adv_sums += advantages.sum(-1).tolist()
-            logratios += self._reference_logratio(items, logprobs, mask)
+            logratios += self._reference_logratio(items, rows.logprobs, rows.mask)
         out = {f"eval/{k}": v / tokens for k, v in sums.items()}
         out["eval/advantage_reward_corr"] = _pearson(adv_sums, rewards)
         out["eval/logratio_reward_corr"] = _pearson(logratios, rewards)
@@ -222,6 +276,9 @@ class TokenQTrainer(OfflineLearnerBase):
 
     def _extra_modules(self) -> dict[str, torch.nn.Module]:
         return {"q_heads": self.heads}
+
+    def _extra_state(self) -> dict:
+        return {"head_optimizer": self.head_optimizer.state_dict()}
 
     def info(self) -> dict:
         rewards = [it[3] for it in self.train]

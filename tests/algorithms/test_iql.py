@@ -172,6 +172,23 @@ def test_td_targets_with_per_token_rewards_and_gamma_one():
     _close(targets, [[0.1, 0.2, 0.9], [0.4, 2.5, 0.0]])
 
 
+def test_td_targets_lambda_returns():
+    v, mask, rewards, truncated = _two_rows()
+    one_step = td_targets(rewards, v[:, 1:], mask, 0.9, truncated=truncated)
+    _close(td_targets(rewards, v[:, 1:], mask, 0.9, truncated=truncated, lam=0.0), one_step)
+    # G_t = y_t + gamma * lam * (G_{t+1} - V(s_{t+1})), by hand with gamma 0.9, lam 0.5
+    g1 = 0.27 + 0.45 * (1.0 - 0.3)
+    _close(td_targets(rewards, v[:, 1:], mask, 0.9, truncated=truncated, lam=0.5), [
+        [0.18 + 0.45 * (g1 - 0.2), g1, 1.0],
+        [0.54 + 0.45 * (2.63 - 0.6), 2.63, 0.0],
+    ])
+    # lam 1, gamma 1: the Monte-Carlo return on every token, whatever V says before the end
+    _close(td_targets(rewards, v[:, 1:], mask, 1.0, truncated=truncated, lam=1.0),
+           [[1.0, 1.0, 1.0], [2.7, 2.7, 0.0]])
+    with pytest.raises(ValueError, match="lambda"):
+        td_targets(rewards, v[:, 1:], mask, 1.0, lam=1.5)
+
+
 def test_td_targets_edge_cases():
     v_next = torch.zeros(2, 2)
     empty = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
