@@ -27,57 +27,36 @@ from rlhf_ray.config import PAIR_ALGOS, Config, ConfigError, offline_data
 log = logging.getLogger("rlhf_ray")
 
 
-def load_pairs(cfg: Config):
-    """``(train, held_out, report)`` preference pairs for dpo/ipo."""
-    from rlhf_ray.data.preferences import (
-        BUILTIN_PREFERENCE_SETS,
-        load_preference_pairs,
-        movie_review_preferences,
-        split_pairs,
-    )
+def load_data(cfg: Config):
+    """``(train, held_out, report)`` of the algorithm's kind: preference pairs for dpo/ipo,
+    scored samples for iql/cql; the builtin set of that kind, or a file split by prompt."""
+    from rlhf_ray.data import preferences, scored
 
     off, data = cfg.offline, offline_data(cfg)
-    if data in BUILTIN_PREFERENCE_SETS:
-        train, held_out = movie_review_preferences(
-            cfg.data.opening_words, cfg.data.eval_fraction,
-            rejected_per_prompt=off.rejected_per_prompt, negative_prompts=off.negative_prompts)
+    pairs = off.algo in PAIR_ALGOS
+    if data == (preferences.MOVIE_REVIEW_PREFERENCES if pairs else scored.MOVIE_REVIEW_SAMPLES):
+        words, fraction = cfg.data.opening_words, cfg.data.eval_fraction
+        if pairs:
+            train, held_out = preferences.movie_review_preferences(
+                words, fraction, rejected_per_prompt=off.rejected_per_prompt,
+                negative_prompts=off.negative_prompts)
+        else:
+            train, held_out = scored.movie_review_samples(
+                words, fraction, samples_per_prompt=off.samples_per_prompt,
+                reward=cfg.scorer.reward)
         return train, held_out, {"skipped": {}, "bad_rows": []}
-    _check_not_builtin_of_other_kind(data, cfg)
-    loaded = load_preference_pairs(data, max_bad_rows=off.max_bad_rows)
-    train, held_out = split_pairs(loaded.pairs, off.eval_fraction)
-    return train, held_out, {"skipped": dict(loaded.skipped), "bad_rows": loaded.bad_rows}
-
-
-def load_samples(cfg: Config):
-    """``(train, held_out, report)`` scored samples for iql/cql."""
-    from rlhf_ray.data.scored import (
-        BUILTIN_SAMPLE_SETS,
-        load_scored_samples,
-        movie_review_samples,
-        split_samples,
-    )
-
-    off, data = cfg.offline, offline_data(cfg)
-    if data in BUILTIN_SAMPLE_SETS:
-        train, held_out = movie_review_samples(
-            cfg.data.opening_words, cfg.data.eval_fraction,
-            samples_per_prompt=off.samples_per_prompt, reward=cfg.scorer.reward)
-        return train, held_out, {"skipped": {}, "bad_rows": []}
-    _check_not_builtin_of_other_kind(data, cfg)
-    loaded = load_scored_samples(data, max_bad_rows=off.max_bad_rows)
-    train, held_out = split_samples(loaded.samples, off.eval_fraction)
-    return train, held_out, {"skipped": dict(loaded.skipped), "bad_rows": loaded.bad_rows}
-
-
-def _check_not_builtin_of_other_kind(data: str, cfg: Config) -> None:
-    from rlhf_ray.data.preferences import BUILTIN_PREFERENCE_SETS
-    from rlhf_ray.data.scored import BUILTIN_SAMPLE_SETS
-
-    if data in BUILTIN_PREFERENCE_SETS + BUILTIN_SAMPLE_SETS:
-        wanted = "scored samples" if cfg.offline.algo in ("iql", "cql") else "preference pairs"
-        raise ConfigError(f"offline.data={data!r}: offline.algo={cfg.offline.algo} learns from "
+    if data in preferences.BUILTIN_PREFERENCE_SETS + scored.BUILTIN_SAMPLE_SETS:
+        wanted = "preference pairs" if pairs else "scored samples"
+        raise ConfigError(f"offline.data={data!r}: offline.algo={off.algo} learns from "
                           f"{wanted}; the builtin set of that kind is the default "
                           "(leave offline.data empty)")
+    if pairs:
+        loaded = preferences.load_preference_pairs(data, max_bad_rows=off.max_bad_rows)
+        train, held_out = preferences.split_pairs(loaded.pairs, off.eval_fraction)
+    else:
+        loaded = scored.load_scored_samples(data, max_bad_rows=off.max_bad_rows)
+        train, held_out = scored.split_samples(loaded.samples, off.eval_fraction)
+    return train, held_out, {"skipped": dict(loaded.skipped), "bad_rows": loaded.bad_rows}
 
 
 def train_offline(cfg: Config) -> Path:
@@ -92,11 +71,6 @@ def train_offline(cfg: Config) -> Path:
     init_ray(cfg)
     run_offline(cfg, run_dir, data)
     return run_dir
-
-
-def load_data(cfg: Config):
-    """``(train, held_out, report)`` of the algorithm's kind (pairs or scored samples)."""
-    return (load_pairs if cfg.offline.algo in PAIR_ALGOS else load_samples)(cfg)
 
 
 def run_offline(cfg: Config, run_dir: Path, data=None) -> Path:

@@ -143,7 +143,7 @@ def test_iql_and_cql_settings_that_cannot_learn_are_rejected(overrides, message)
 
 def test_offline_data_defaults_to_the_builtin_set_of_the_algorithm():
     from rlhf_ray.config import offline_data
-    from rlhf_ray.offline_driver import load_samples
+    from rlhf_ray.offline_driver import load_data
 
     assert offline_data(load_config(preset="tiny")) == "movie-review-preferences"
     cfg = load_config(preset="tiny", overrides=["offline.algo=cql"])
@@ -151,4 +151,4 @@ def test_offline_data_defaults_to_the_builtin_set_of_the_algorithm():
     cfg = load_config(preset="tiny", overrides=["offline.algo=iql",
                                                 "offline.data=movie-review-preferences"])
     with pytest.raises(ConfigError, match="learns from scored samples"):
-        load_samples(cfg)
+        load_data(cfg)

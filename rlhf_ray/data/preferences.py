@@ -121,16 +121,10 @@ def _pair(uid: object, values: dict) -> PreferencePair:
     return PreferencePair(str(uid), values["prompt"], values["chosen"], values["rejected"])
 
 
-def read_preference_jsonl(path: Path | str, *, max_bad_rows: int = 0) -> PreferenceData:
-    """Pairs from a JSONL file; a pair without ``uid`` gets ``<file stem>-<line>``.
-
-    Raises:
-        DataError: the file is missing or unreadable, has more than ``max_bad_rows`` malformed
-            rows, or holds no valid pair.
-    """
-    path = Path(path)
-    bad = _BadRows(path, max_bad_rows)
-    pairs = []
+def jsonl_rows(path: Path, bad: _BadRows):
+    """Yields ``(where, default_uid, obj)`` for each non-blank line of a JSONL file (``where``
+    is ``file:line``, the default uid ``<file stem>-<line>``); an unreadable line is added to
+    ``bad`` and skipped."""
     try:
         f = path.open("rb")
     except OSError as e:
@@ -145,11 +139,25 @@ def read_preference_jsonl(path: Path | str, *, max_bad_rows: int = 0) -> Prefere
             except DataError as e:
                 bad.add("unreadable line", str(e))
                 continue
-            problem = _check_pair(obj, where)
-            if problem is not None:
-                bad.add(*problem)
-                continue
-            pairs.append(_pair(obj.get("uid", f"{path.stem}-{line_no}"), obj))
+            yield where, f"{path.stem}-{line_no}", obj
+
+
+def read_preference_jsonl(path: Path | str, *, max_bad_rows: int = 0) -> PreferenceData:
+    """Pairs from a JSONL file; a pair without ``uid`` gets ``<file stem>-<line>``.
+
+    Raises:
+        DataError: the file is missing or unreadable, has more than ``max_bad_rows`` malformed
+            rows, or holds no valid pair.
+    """
+    path = Path(path)
+    bad = _BadRows(path, max_bad_rows)
+    pairs = []
+    for where, default_uid, obj in jsonl_rows(path, bad):
+        problem = _check_pair(obj, where)
+        if problem is not None:
+            bad.add(*problem)
+            continue
+        pairs.append(_pair(obj.get("uid", default_uid), obj))
     return bad.finish(pairs)
 
 

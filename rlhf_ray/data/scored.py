@@ -37,13 +37,13 @@ from rlhf_ray.data.preferences import (
     _BadRows,
     _check_pair,
     _read_parquet_table,
+    jsonl_rows,
 )
 from rlhf_ray.data.prompts import (
     DataError,
     gensim_data_file,
     is_held_out,
     movie_review_openings,
-    parse_jsonl_line,
     split_by_hash,
 )
 
@@ -123,24 +123,6 @@ def _rows_to_samples(rows, path: Path, bad: _BadRows) -> list[ScoredSample]:
     return samples
 
 
-def _jsonl_rows(path: Path, bad: _BadRows):
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror or e})") from None
-    with f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = parse_jsonl_line(raw, where)
-            except DataError as e:
-                bad.add("unreadable line", str(e))
-                continue
-            yield where, f"{path.stem}-{line_no}", obj
-
-
 def _table_rows(table: pa.Table, path: Path, columns: tuple[str, ...]):
     present = [c for c in (*columns, "uid", "finish_reason") if c in table.column_names]
     data = {c: table.column(c).to_pylist() for c in present}
@@ -185,7 +167,7 @@ def load_scored_samples(path: Path | str, *, max_bad_rows: int = 0) -> ScoredDat
     suffix = path.suffix.lower()
     bad = _BadRows(path, max_bad_rows)
     if suffix == ".jsonl":
-        samples = _rows_to_samples(_jsonl_rows(path, bad), path, bad)
+        samples = _rows_to_samples(jsonl_rows(path, bad), path, bad)
         return ScoredData(samples, dict(bad.reasons), bad.messages)
     if suffix != ".parquet":
         raise DataError(f"{path}: unsupported scored-sample file type (use .jsonl or .parquet)")
