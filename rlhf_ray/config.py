@@ -711,13 +711,16 @@ def validate(cfg: Config) -> None:
                 | {"beta": "offline.awr_beta", "max_weight": "offline.awr_max_weight"})
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        steps, key = ((off.pretrain_steps, "offline.pretrain_steps") if off.pretrain_steps
-                      else (cfg.run.steps, "run.steps"))
         if not 0.0 <= off.td_lambda <= 1.0:
             raise ConfigError(f"offline.td_lambda={off.td_lambda}: must be in [0, 1]")
-        if off.q_warmup_steps >= steps:
-            raise ConfigError(f"offline.q_warmup_steps={off.q_warmup_steps}: must be below "
-                              f"{key}={steps}, or the policy never trains")
+        # `rlhf-ray offline` trains run.steps, a pre-training offline.pretrain_steps
+        limits = [(cfg.run.steps, "run.steps")]
+        if off.pretrain_steps:
+            limits.append((off.pretrain_steps, "offline.pretrain_steps"))
+        for steps, key in limits:
+            if off.q_warmup_steps >= steps:
+                raise ConfigError(f"offline.q_warmup_steps={off.q_warmup_steps}: must be below "
+                                  f"{key}={steps}, or the policy never trains")
     if not 0 <= off.label_smoothing < 0.5:
         raise ConfigError(f"offline.label_smoothing={off.label_smoothing}: must be in [0, 0.5)")
     if not 0 < off.eval_fraction < 1:

@@ -434,12 +434,18 @@ class Trainer:
         self.resume = resume
         # offline pre-training data, read now: bad data stops the run before it starts
         self._pretrain = None
+        if cfg.offline.pretrain_steps and resume and not cfg.model.adapter_path:
+            raise RunStopped(f"cannot resume {run_dir}: its offline pre-training "
+                             f"(offline.pretrain_steps={cfg.offline.pretrain_steps}) did not "
+                             "finish, so there is no adapter to train online from; start a new "
+                             "run")
         if cfg.offline.pretrain_steps and not resume:
             from rlhf_ray.config import pretrain_config
-            from rlhf_ray.offline_driver import load_data
+            from rlhf_ray.offline_driver import check_tokenizes, load_data
 
             pre = pretrain_config(cfg)
             self._pretrain = (pre, load_data(pre))
+            check_tokenizes(pre, self._pretrain[1][0])
         if resume:
             if run_dir is None or not str(run_dir) or not (Path(run_dir) / "config.yaml").is_file():
                 raise FileNotFoundError(f"cannot resume {str(run_dir)!r}: not a run directory "

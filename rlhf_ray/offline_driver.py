@@ -66,11 +66,29 @@ def train_offline(cfg: Config) -> Path:
     if cfg.learner.num != 1:
         raise ConfigError(f"learner.num={cfg.learner.num}: rlhf-ray offline runs one learner")
     data = load_data(cfg)  # before Ray and before the run directory: bad data stops here
+    check_tokenizes(cfg, data[0])
     run_dir = make_run_dir(cfg)
     setup_logging(run_dir)
     init_ray(cfg)
     run_offline(cfg, run_dir, data)
     return run_dir
+
+
+def check_tokenizes(cfg: Config, train: list) -> None:
+    """DataError (naming the data) when no training item keeps a prompt and a response after
+    tokenization with the run's tokenizer, e.g. responses that are only special tokens."""
+    from rlhf_ray.data.prompts import DataError
+    from rlhf_ray.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.offline.algo in PAIR_ALGOS:
+        from rlhf_ray.learner.preference import tokenize_pairs as tokenize
+    else:
+        from rlhf_ray.learner.token_q import tokenize_samples as tokenize
+    kept, dropped = tokenize(tokenizer, cfg, train)
+    if not kept:
+        raise DataError(f"offline.data={offline_data(cfg)!r}: all {dropped} training items have "
+                        "an empty prompt or response once tokenized (special tokens only?)")
 
 
 def run_offline(cfg: Config, run_dir: Path, data=None) -> Path:

@@ -130,6 +130,10 @@ def test_offline_files_are_read_in_preflight(tmp_path):
     (["offline.cql_alpha=-1"], r"offline.cql_alpha=-1.0: must be finite and >= 0"),
     (["offline.gamma=1.5"], r"offline.gamma=1.5: must be in \[0, 1\]"),
     (["offline.q_warmup_steps=5", "run.steps=5"], r"offline.q_warmup_steps=5: must be below"),
+    (["offline.q_warmup_steps=3", "run.steps=2", "offline.pretrain_steps=5"],
+     r"offline.q_warmup_steps=3: must be below run.steps=2"),
+    (["offline.q_warmup_steps=3", "run.steps=9", "offline.pretrain_steps=3"],
+     r"offline.q_warmup_steps=3: must be below offline.pretrain_steps=3"),
     (["offline.q_rank=-1"], r"offline.q_rank=-1: must be >= 0"),
 ])
 def test_iql_and_cql_settings_that_cannot_learn_are_rejected(overrides, message):

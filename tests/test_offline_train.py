@@ -132,3 +132,40 @@ def test_offline_training_from_an_online_runs_buffer_export(ray_cluster, tmp_pat
         log_text = (run_dir / "train.log").read_text()
         kind = "pairs" if algo == "dpo" else "samples"
         assert "training and" in log_text and f"held-out {kind}" in log_text
+
+
+def test_data_that_tokenizes_to_nothing_stops_before_the_run_directory(tmp_path, capsys):
+    from rlhf_ray.cli import main
+
+    data = tmp_path / "special.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}", "response": "<|endoftext|>",
+                                        "reward": 1.0}) + "\n" for w in WORDS * 3))
+    args = ["offline", "--preset", "tiny", "--algo", "iql", "--data", str(data),
+            f"run.output_dir={tmp_path}", "run.name=r"]
+    assert main(args) == 2
+    assert "an empty prompt or response once tokenized" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_held_out_reference_cache_is_keyed_by_position_not_by_uid():
+    from rlhf_ray.data.scored import ScoredSample
+    from rlhf_ray.learner.token_q import tokenize_samples
+    from rlhf_ray.models.loading import load_tokenizer
+
+    cfg = load_config(preset="tiny")
+    samples = [ScoredSample("same", f"Say {w}", f" {w} yes", 1.0) for w in WORDS]
+    kept, dropped = tokenize_samples(load_tokenizer(cfg.model), cfg, samples)
+    assert dropped == 0 and [k[0] for k in kept] == list(range(len(WORDS)))
+
+
+def test_resuming_a_run_whose_pretraining_failed_is_refused(tmp_path):
+    import yaml
+
+    from rlhf_ray.driver import RunStopped, Trainer
+
+    cfg = load_config(preset="tiny", overrides=["offline.pretrain_steps=2"])
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    with pytest.raises(RunStopped, match="offline pre-training .* did not finish"):
+        Trainer(cfg, run_dir, resume=True)

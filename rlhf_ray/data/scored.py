@@ -50,6 +50,8 @@ from rlhf_ray.data.prompts import (
 MOVIE_REVIEW_SAMPLES = "movie-review-samples"
 BUILTIN_SAMPLE_SETS = (MOVIE_REVIEW_SAMPLES,)
 SAMPLE_FIELDS = ("prompt", "response", "reward")
+# Largest |reward| accepted: the squared TD errors are float32 (max ~3.4e38).
+MAX_ABS_REWARD = 1e15
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ def _check_sample(values: dict, where: str) -> tuple[str, str] | None:
         finite = False
     if not finite:
         return "bad reward", f"{where}: field 'reward' is not finite ({reward!r})"
+    if abs(float(reward)) > MAX_ABS_REWARD:
+        return "bad reward", (f"{where}: field 'reward' is {reward!r}, beyond +-{MAX_ABS_REWARD:g} "
+                              "(its square would overflow the float32 value losses)")
     finish = values.get("finish_reason")
     if finish is not None and finish not in ("stop", "length"):
         return "bad finish_reason", (f"{where}: field 'finish_reason' is {finish!r} "

@@ -30,35 +30,36 @@ from rlhf_ray.learner.offline_base import OfflineLearnerBase
 from rlhf_ray.models.forward import chunks, pack, response_logprobs
 
 
+def tokenize_pairs(tokenizer, cfg: Config, pairs: list[PreferencePair]):
+    """``(key, prompt_ids, chosen_ids, rejected_ids)`` per pair (the key is the pair's position
+    in the result, unique even where the data's uids repeat), and how many pairs were dropped
+    for an empty prompt or response after tokenization."""
+    limit, cut = cfg.data.max_prompt_tokens, cfg.offline.max_response_tokens
+    out, dropped = [], 0
+    for p in pairs:
+        prompt = tokenizer(p.prompt, add_special_tokens=True)["input_ids"][-limit:]
+        chosen = tokenizer(p.chosen, add_special_tokens=False)["input_ids"][:cut]
+        rejected = tokenizer(p.rejected, add_special_tokens=False)["input_ids"][:cut]
+        if not prompt or not chosen or not rejected:
+            dropped += 1
+            continue
+        out.append((len(out), prompt, chosen, rejected))
+    return out, dropped
+
+
 class PreferenceTrainer(OfflineLearnerBase):
     def __init__(self, cfg: Config, train: list[PreferencePair], held_out: list[PreferencePair]):
         super().__init__(cfg)
-        self.train, self.dropped = self._tokenize(train)
-        self.held_out, dropped_eval = self._tokenize(held_out[: cfg.offline.eval_pairs])
+        self.train, self.dropped = tokenize_pairs(self.tokenizer, cfg, train)
+        self.held_out, dropped_eval = tokenize_pairs(self.tokenizer, cfg,
+                                                     held_out[: cfg.offline.eval_pairs])
         self.dropped += dropped_eval
         if not self.train:
             raise ValueError("no training pair is left after tokenization (every prompt or "
                              "response tokenized to nothing)")
         self._make_optimizer()
-        self._ref_cache: dict[tuple[str, int], tuple[float, float]] = {}
+        self._ref_cache: dict[tuple[str, int], tuple[float, float]] = {}  # (table, key)
         self.average = cfg.offline.algo == "ipo"
-
-    # -- data ----------------------------------------------------------------------------------
-    def _tokenize(self, pairs: list[PreferencePair]):
-        """``(uid, prompt_ids, chosen_ids, rejected_ids)`` per pair; pairs with an empty prompt
-        or response after tokenization are dropped (counted)."""
-        tok, limit = self.tokenizer, self.cfg.data.max_prompt_tokens
-        cut = self.cfg.offline.max_response_tokens
-        out, dropped = [], 0
-        for p in pairs:
-            prompt = tok(p.prompt, add_special_tokens=True)["input_ids"][-limit:]
-            chosen = tok(p.chosen, add_special_tokens=False)["input_ids"][:cut]
-            rejected = tok(p.rejected, add_special_tokens=False)["input_ids"][:cut]
-            if not prompt or not chosen or not rejected:
-                dropped += 1
-                continue
-            out.append((p.uid, prompt, chosen, rejected))
-        return out, dropped
 
     # -- passes --------------------------------------------------------------------------------
     def _logprobs(self, items, *, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,11 @@
 """Token-level offline RL on the LoRA policy from scored samples: IQL, and CQL as IQL plus the
 conservative penalty (building blocks and their indexing in ``algorithms.iql``).
 
-One forward pass of the policy per micro-batch gives the last hidden states ``s_0 .. s_T`` of
-each (prompt, response) row. From them:
+A step: one forward pass of the policy per micro-batch gives the last hidden states
+``s_0 .. s_T`` of each (prompt, response) row; the policy takes one AWR update with advantages
+from the heads as they are, then the heads take ``offline.q_updates_per_step`` updates on the
+step's stored (detached) states, each followed by a Polyak step of the target Q. From the
+states:
 
 * the policy's log-probs of the response tokens (LM head on ``s_0 .. s_{T-1}``, temperature 1),
   trained by advantage-weighted regression: ``-w_t * log pi(a_t | s_t)`` with
@@ -12,17 +15,24 @@ each (prompt, response) row. From them:
   times the learning rate); only this loss reaches the adapter;
 * Q and V heads (``TokenQHeads``) on the states *detached* from the adapter, so the value
   losses shape the heads only, never the policy's features: Q regresses onto
-  ``r_t + gamma * V(s_{t+1})`` (``td_targets``; the reward sits on the last token, a
-  truncated response bootstraps from ``V(s_T)``), V onto the ``tau_expectile`` expectile of the
+  ``r_t + gamma * V(s_{t+1})`` (``td_targets``, or its lambda-returns with
+  ``offline.td_lambda``; the reward sits on the last token, a truncated response bootstraps
+  from ``V(s_T)``), V onto the ``tau_expectile`` expectile of the
   target head's ``Q(s_t, a_t)``, ``A = Q_target - V``. With ``algo=cql`` the penalty
   ``logsumexp_a Q(s_t, a) - Q(s_t, a_t)`` is added with weight ``cql_alpha`` (it needs the full
   ``[B, T, V]`` Q, a logits-sized tensor).
 
-After each optimizer step the target Q head moves by Polyak averaging (``polyak_tau``). Q starts
-near 0 and V at 0, so every AWR weight starts near 1 (behaviour cloning) until the heads have
-learnt; ``offline.q_warmup_steps`` fits only the heads for that many steps first. Losses are
-token means over the whole batch (``learner.batch_size`` samples), the heads in their own
-parameter group at ``offline.q_lr``.
+Q starts near 0 and V at 0, so every AWR weight starts near 1 (behaviour cloning) until the
+heads have learnt; ``offline.q_warmup_steps`` fits only the heads for that many steps first.
+Value losses are token means over the whole batch (``learner.batch_size`` samples); the heads
+have their own AdamW at the constant ``offline.q_lr``, the adapter the learner's schedule.
+
+Known limit, measured on the builtin set: AWR only ever reweights the data's own tokens, so
+when the data is far from the model (human sentences, not the model's samples) the policy is
+pulled towards the data's text whatever the weights say, and the KL to the base grows fast;
+the heads also need many distinct responses to rank unseen ones (on 160 distinct sentences
+they learn the training rewards but not the held-out ones). Data the model itself wrote (a
+buffer export) is the case IQL is built for.
 
 Terminal responses get the EOS token appended (as online episodes that stop end with it, and as
 ``replay.offline_files`` rows do), so the policy also learns where the data stops; a response
@@ -39,10 +49,9 @@ one learner only, no resume.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
-
-from dataclasses import dataclass
 
 from rlhf_ray.algorithms import iql
 from rlhf_ray.config import Config
@@ -72,14 +81,33 @@ def _pearson(x: list[float], y: list[float]) -> float:
     return float((t[0] * t[1]).sum()) / denom if denom > 0 else 0.0
 
 
+def tokenize_samples(tokenizer, cfg: Config, samples: list[ScoredSample]):
+    """``(key, prompt_ids, response_ids, reward, truncated)`` per sample (the key is the
+    sample's position in the result, unique even where the data's uids repeat), and how many
+    samples were dropped for an empty prompt or response after tokenization. Terminal
+    responses get EOS appended; one cut at ``offline.max_response_tokens`` is truncated."""
+    limit, cut = cfg.data.max_prompt_tokens, cfg.offline.max_response_tokens
+    out, dropped = [], 0
+    for s in samples:
+        prompt = tokenizer(s.prompt, add_special_tokens=True)["input_ids"][-limit:]
+        response = tokenizer(s.response, add_special_tokens=False)["input_ids"]
+        truncated = s.truncated or len(response) >= cut
+        response = response[:cut] if truncated else response + [tokenizer.eos_token_id]
+        if not prompt or not tokenizer.decode(response, skip_special_tokens=True).strip():
+            dropped += 1
+            continue
+        out.append((len(out), prompt, response, float(s.reward), truncated))
+    return out, dropped
+
+
 class TokenQTrainer(OfflineLearnerBase):
     def __init__(self, cfg: Config, train: list[ScoredSample], held_out: list[ScoredSample]):
         super().__init__(cfg)
         off, lrn = cfg.offline, cfg.learner
         self.cql_alpha = off.cql_alpha if off.algo == "cql" else 0.0
-        self.eos_id = self.tokenizer.eos_token_id
-        self.train, self.dropped = self._tokenize(train)
-        self.held_out, dropped_eval = self._tokenize(held_out[: off.eval_pairs])
+        self.train, self.dropped = tokenize_samples(self.tokenizer, cfg, train)
+        self.held_out, dropped_eval = tokenize_samples(self.tokenizer, cfg,
+                                                       held_out[: off.eval_pairs])
         self.dropped += dropped_eval
         if not self.train:
             raise ValueError("no training sample is left after tokenization (every prompt or "
@@ -91,25 +119,7 @@ class TokenQTrainer(OfflineLearnerBase):
         # the heads have their own AdamW (constant rate): they update several times per step
         self.head_optimizer = torch.optim.AdamW(self.heads.trainable_parameters(), lr=off.q_lr,
                                                 betas=(lrn.adam_beta1, lrn.adam_beta2))
-        self._ref_cache: dict[str, float] = {}
-
-    # -- data ----------------------------------------------------------------------------------
-    def _tokenize(self, samples: list[ScoredSample]):
-        """``(uid, prompt_ids, response_ids, reward, truncated)`` per sample; samples with an
-        empty prompt or response after tokenization are dropped (counted)."""
-        tok, limit = self.tokenizer, self.cfg.data.max_prompt_tokens
-        cut = self.cfg.offline.max_response_tokens
-        out, dropped = [], 0
-        for s in samples:
-            prompt = tok(s.prompt, add_special_tokens=True)["input_ids"][-limit:]
-            response = tok(s.response, add_special_tokens=False)["input_ids"]
-            truncated = s.truncated or len(response) >= cut
-            response = response[:cut] if truncated else response + [self.eos_id]
-            if not prompt or not tok.decode(response, skip_special_tokens=True).strip():
-                dropped += 1
-                continue
-            out.append((s.uid, prompt, response, float(s.reward), truncated))
-        return out, dropped
+        self._ref_cache: dict[int, float] = {}  # held-out key -> reference log-prob sum
 
     # -- passes --------------------------------------------------------------------------------
     def _forward(self, items, *, train_policy: bool) -> _Rows:
@@ -259,12 +269,17 @@ class TokenQTrainer(OfflineLearnerBase):
             rows = self._forward(items, train_policy=False)
             losses = self._value_losses(rows)
             advantages = self._advantages(rows)
-            losses["policy_loss"], _ = iql.awr_policy_loss(
+            policy_loss, stats = iql.awr_policy_loss(
                 rows.logprobs, advantages, rows.mask, beta=off.awr_beta,
                 max_weight=off.awr_max_weight)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.sum())
-            tokens += float(rows.mask.sum())
+            m = float(rows.mask.sum())
+            weight_sum = float(stats["weight_mean"]) * m
+            if weight_sum > 0:  # as in training: weighted mean NLL, times the token share
+                sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(
+                    policy_loss.sum()) / weight_sum * m
+            tokens += m
             rewards += [it[3] for it in items]
             adv_sums += advantages.sum(-1).tolist()
             logratios += self._reference_logratio(items, rows.logprobs, rows.mask)

@@ -48,6 +48,7 @@ def test_jsonl_samples_pairs_and_finish_reason(tmp_path):
     ({**GOOD, "reward": True}, "field 'reward' is not a number (True)"),
     ('{"prompt": "p", "response": "r", "reward": NaN}', "field 'reward' is not finite"),
     ('{"prompt": "p", "response": "r", "reward": 1e999}', "field 'reward' is not finite"),
+    ({**GOOD, "reward": -1e300}, "field 'reward' is -1e+300, beyond +-1e+15"),
     ({**GOOD, "finish_reason": "eos"}, "field 'finish_reason' is 'eos'"),
     ({"prompt": "p", "chosen": "a", "rejected": "a"}, "'chosen' and 'rejected' are the same"),
     ("{not json", "invalid JSON"),
