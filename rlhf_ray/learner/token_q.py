@@ -57,7 +57,7 @@ from rlhf_ray.algorithms import iql
 from rlhf_ray.config import Config
 from rlhf_ray.data.scored import ScoredSample
 from rlhf_ray.learner.offline_base import OfflineLearnerBase
-from rlhf_ray.models.forward import _causal_lm, chunks, forward_states, pack
+from rlhf_ray.models.forward import _causal_lm, chunks, pack, response_logprobs
 
 
 @dataclass
@@ -128,12 +128,9 @@ class TokenQTrainer(OfflineLearnerBase):
         packed = pack([it[1] for it in items], [it[2] for it in items], self.pad_id)
         mask, ids = packed.response_mask, packed.response_ids
         with torch.set_grad_enabled(train_policy and torch.is_grad_enabled()):
-            states = forward_states(self.policy.model, packed)  # [m, T + 1, H]
-            head = _causal_lm(self.policy.model).get_output_embeddings()
-            logp = torch.log_softmax(head(states[:, :-1]).float(), dim=-1)
-            logprobs = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
+            out = response_logprobs(self.policy.model, packed, with_states=True)
         return _Rows(
-            states=states.detach(), ids=ids, mask=mask, logprobs=logprobs,
+            states=out.states.detach(), ids=ids, mask=mask, logprobs=out.logprobs,
             rewards=torch.tensor([it[3] for it in items], dtype=torch.float32),
             truncated=torch.tensor([it[4] for it in items], dtype=torch.bool))
 
@@ -239,8 +236,8 @@ class TokenQTrainer(OfflineLearnerBase):
 
     @torch.no_grad()
     def _reference_logratio(self, items, logprobs: torch.Tensor, mask: torch.Tensor):
-        """Per-response mean log-ratio policy/reference; reference log-probs cached by uid."""
-        from rlhf_ray.models.forward import response_logprobs
+        """Per-response mean log-ratio policy/reference; reference log-probs cached by the
+        held-out item's key."""
         from rlhf_ray.models.loading import reference_mode
 
         missing = [i for i, it in enumerate(items) if it[0] not in self._ref_cache]

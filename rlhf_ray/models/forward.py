@@ -116,6 +116,7 @@ class ForwardOut:
     logits: torch.Tensor | None = None  # [B, T, V] temperature-scaled, when asked for
     values: torch.Tensor | None = None  # [B, T + 1] when a value head is given
     entropy: torch.Tensor | None = None  # [B, T] when asked for
+    states: torch.Tensor | None = None  # [B, T + 1, H] last hidden states, when asked for
 
 
 def response_logprobs(
@@ -126,6 +127,7 @@ def response_logprobs(
     value_head=None,
     with_entropy: bool = False,
     with_logits: bool = False,
+    with_states: bool = False,
 ) -> ForwardOut:
     """Per-token log-probs of the response under softmax(logits / temperature).
 
@@ -145,6 +147,8 @@ def response_logprobs(
         out.entropy = -(logp_all.exp() * logp_all).sum(-1) * batch.response_mask
     if with_logits:
         out.logits = logits
+    if with_states:
+        out.states = states
     return out
 
 
